@@ -1,0 +1,66 @@
+"""The ``hf-batchsched`` command.
+
+Each subcommand lives in ``hf_batchsched/commands/<name>.py`` and exposes ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``. Bad input (a ``ValueError``, including
+``ConfigError``, or a missing file) is printed on one line and the command exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["main", "COMMANDS"]
+
+# name -> module under hf_batchsched.commands; the order is the order shown by --help.
+COMMANDS = {
+    "demo": "demo",
+    "finetune": "finetune",
+    "plot": "plot",
+    "lrbench": "lrbench",
+    "range-test": "range_test",
+    "reproduce": "reproduce",
+}
+
+
+def _available_commands() -> dict:
+    modules = {}
+    for name, module_name in COMMANDS.items():
+        try:
+            modules[name] = importlib.import_module(f"hf_batchsched.commands.{module_name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"hf_batchsched.commands.{module_name}":
+                raise
+    return modules
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-batchsched",
+        description="Batch-size ramps, LR policies, sharpness probes and stability statistics for the HF Trainer.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name, module in _available_commands().items():
+        sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"hf-batchsched {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Schedules: pure functions of training progress (LR policies, batch-size schedules)."""
