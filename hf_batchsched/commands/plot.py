@@ -1,0 +1,430 @@
+"""``hf-batchsched plot``: draw an LR policy and a batch-size schedule over a run, and print a short table.
+
+Both are read from flags or from a YAML file with ``lr_policy:`` and ``batch_schedule:`` sections (or an
+``equivalent_to_lr:`` section that turns the LR policy's decay into batch growth, Smith et al. 2018)::
+
+    hf-batchsched plot --example                                   # the shipped Smith-style CIFAR-10 example
+    hf-batchsched plot --config hf_batchsched/examples/schedule.yaml --output smith.png
+    hf-batchsched plot --lr-policy COS --lr-param k0=0 --lr-param k1=1e-4 --lr-param l=1e6 --lr-unit samples \\
+        --batch "0:32 200K:64 500K:128" --samples 1M --json
+
+The PNG has two panels against samples seen: the learning rate and the global batch size. The table has one row
+per tenth of the run: progress, samples (and epochs with a dataset size), LR, batch size, optimizer steps so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from importlib import resources
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..schedules.base import Policy
+from ..schedules.batch import (
+    ConstantBatch,
+    SimulatedRun,
+    batch_schedule_from_config,
+    equivalent_to_lr,
+    parse_quantity,
+    simulate,
+)
+from ..schedules.lr import lr_at, lr_policy_from_config, lr_policy_to_config
+
+__all__ = ["HELP", "EXAMPLE_CONFIG", "add_arguments", "describe_run", "load_plot_config", "run"]
+
+HELP = "Plot an LR policy and a batch-size schedule over a run (PNG + table, or --json)."
+
+EXAMPLE_CONFIG = "examples/schedule.yaml"
+_TOP_LEVEL_KEYS = {
+    "lr_policy",
+    "batch_schedule",
+    "equivalent_to_lr",
+    "samples",
+    "epochs",
+    "dataset_size",
+    "tokens_per_sample",
+    "base_lr",
+    "multiple",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_argument_group("what to plot (a config file, or flags; flags override the file)")
+    source.add_argument("--config", help="YAML with lr_policy:, batch_schedule: (or equivalent_to_lr:) and run keys")
+    source.add_argument(
+        "--example", action="store_true", help="use the shipped example config (Smith et al. CIFAR-10)"
+    )
+    source.add_argument("--lr-policy", help="LR policy name, e.g. NSTEP, COS, cosine, wsd")
+    source.add_argument(
+        "--lr-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="LR policy parameter (repeat): k0=0.1",
+    )
+    source.add_argument("--lr-unit", help="the LR policy's unit: steps, samples, tokens or fraction (default steps)")
+    source.add_argument("--base-lr", type=float, help="optimizer LR for multiplier policies (default 1)")
+    source.add_argument("--batch", help="batch schedule: a size ('64') or Megatron thresholds ('0:32 2M:64 8M:128')")
+    source.add_argument("--batch-unit", choices=["samples", "tokens"], help="unit of --batch thresholds")
+    source.add_argument("--multiple", type=int, help="round batch sizes down to multiples of micro_batch x world_size")
+    source.add_argument(
+        "--equivalent-batch",
+        type=int,
+        metavar="B0",
+        help="turn the LR policy's decay into batch growth from B0 (Smith et al.); needs --dataset-size",
+    )
+    source.add_argument("--max-batch-size", type=int, help="cap for --equivalent-batch (default dataset_size // 10)")
+    source.add_argument("--optimizer", choices=["sgd", "adam"], help="scaling rule for --equivalent-batch")
+    run_group = parser.add_argument_group("the run")
+    run_group.add_argument("--samples", help="samples in the run (K/M/B suffixes), default epochs x dataset size")
+    run_group.add_argument("--dataset-size", help="training samples per epoch (shows epochs; K/M suffixes)")
+    run_group.add_argument("--epochs", type=float, help="epochs in the run (with --dataset-size)")
+    run_group.add_argument("--tokens-per-sample", type=float, help="tokens per sample, for tokens-unit schedules")
+    output = parser.add_argument_group("output")
+    output.add_argument("--output", default="schedule.png", help="PNG path (default schedule.png)")
+    output.add_argument("--no-png", action="store_true", help="print the table only")
+    output.add_argument("--rows", type=int, default=11, help="table rows, evenly spaced in progress (default 11)")
+    output.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the run from a config / flags
+# --------------------------------------------------------------------------------------------------
+
+
+def load_plot_config(path: str | Path) -> dict:
+    """Read a plot config (YAML) and check its top-level keys."""
+    import yaml
+
+    text = Path(path).read_text()
+    try:
+        config = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must hold a mapping with lr_policy: and batch_schedule: sections")
+    unknown = sorted(set(config) - _TOP_LEVEL_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(_TOP_LEVEL_KEYS))}"
+        )
+    return config
+
+
+def _parse_param(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--lr-param takes KEY=VALUE (e.g. k0=0.1), got {text!r}")
+    return key.strip(), _with_suffixes(yaml.safe_load(value))
+
+
+def _with_suffixes(value):
+    """Read K/M/B/T suffixes on lengths (``l=2M``, ``l=[3M, 6M]``); leave other strings (names) alone."""
+    if isinstance(value, list):
+        return [_with_suffixes(item) for item in value]
+    if isinstance(value, str):
+        try:
+            return parse_quantity(value)
+        except ConfigError:
+            return value
+    return value
+
+
+def _merge_flags(config: dict, args: argparse.Namespace) -> dict:
+    config = dict(config)
+    if args.lr_policy or args.lr_param or args.lr_unit:
+        if args.lr_policy:
+            lr_cfg = {"name": args.lr_policy}
+        elif isinstance(config.get("lr_policy"), dict):
+            lr_cfg = dict(config["lr_policy"])
+        else:
+            raise ConfigError("--lr-param and --lr-unit need --lr-policy NAME (or an lr_policy: section in --config)")
+        lr_cfg.update(_parse_param(p) for p in args.lr_param)
+        if args.lr_unit:
+            lr_cfg["unit"] = args.lr_unit
+        config["lr_policy"] = lr_cfg
+    if args.batch is not None:
+        config["batch_schedule"] = args.batch if not args.batch_unit else {"spec": args.batch, "unit": args.batch_unit}
+    if args.equivalent_batch is not None or args.max_batch_size is not None or args.optimizer is not None:
+        section = dict(config.get("equivalent_to_lr") or {})
+        for key, value in (
+            ("base_batch_size", args.equivalent_batch),
+            ("max_batch_size", args.max_batch_size),
+            ("optimizer", args.optimizer),
+        ):
+            if value is not None:
+                section[key] = value
+        config["equivalent_to_lr"] = section
+    for key in ("samples", "dataset_size", "epochs", "tokens_per_sample", "base_lr", "multiple"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    return config
+
+
+def _count(config: dict, key: str) -> int | None:
+    value = config.get(key)
+    if value is None:
+        return None
+    number = parse_quantity(value)
+    if number <= 0 or number != int(number):
+        raise ConfigError(f"{key} must be a positive whole number, got {value!r}")
+    return int(number)
+
+
+def _build(config: dict) -> dict:
+    """Turn a merged plot config into the LR policy, the batch schedule and the run's length."""
+    dataset_size = _count(config, "dataset_size")
+    total = _count(config, "samples")
+    if total is None:
+        if dataset_size is None or config.get("epochs") is None:
+            raise ConfigError("give the run's length: --samples N, or --dataset-size N with --epochs E")
+        total = int(round(float(config["epochs"]) * dataset_size))
+    lr_policy = lr_policy_from_config(config["lr_policy"]) if config.get("lr_policy") is not None else None
+    original_lr = None
+    baseline = None
+    batch_cfg = config.get("batch_schedule")
+    if config.get("equivalent_to_lr") is not None:
+        if batch_cfg is not None:
+            raise ConfigError(
+                "give either batch_schedule (--batch) or equivalent_to_lr (--equivalent-batch), not both"
+            )
+        if lr_policy is None:
+            raise ConfigError("equivalent_to_lr (--equivalent-batch) needs an LR policy to convert (--lr-policy)")
+        if dataset_size is None:
+            raise ConfigError("equivalent_to_lr (--equivalent-batch) needs the dataset size (--dataset-size)")
+        section = dict(config["equivalent_to_lr"])
+        if "base_batch_size" not in section:
+            raise ConfigError("equivalent_to_lr needs base_batch_size (B0, the original constant batch)")
+        section.setdefault("unit", lr_policy.unit if lr_policy.unit in ("samples", "tokens") else "samples")
+        batch, residual = equivalent_to_lr(lr_policy, dataset_size=dataset_size, **section)
+        baseline = ConstantBatch(section["base_batch_size"], unit=batch.unit)
+        lr_policy, original_lr = residual, lr_policy
+    elif batch_cfg is None:
+        raise ConfigError(
+            "give a batch schedule: --batch '0:32 2M:64' (or batch_schedule: / equivalent_to_lr: in --config)"
+        )
+    elif isinstance(batch_cfg, dict) and "spec" in batch_cfg:
+        batch = batch_schedule_from_config(batch_cfg["spec"], unit=batch_cfg.get("unit"))
+    else:
+        batch = batch_schedule_from_config(batch_cfg)
+    multiple = int(config.get("multiple") or 1)
+    tokens_per_sample = config.get("tokens_per_sample")
+    run = simulate(batch, total, multiple=multiple, tokens_per_sample=tokens_per_sample)
+    baseline_run = simulate(baseline, total, tokens_per_sample=tokens_per_sample) if baseline else None
+    base_lr = float(config.get("base_lr") if config.get("base_lr") is not None else 1.0)
+    return {
+        "lr_policy": lr_policy,
+        "original_lr": original_lr,
+        "batch": batch,
+        "run": run,
+        "baseline_run": baseline_run,
+        "dataset_size": dataset_size,
+        "base_lr": base_lr,
+        "tokens_per_sample": tokens_per_sample,
+    }
+
+
+def _lr_at_step(policy: Policy, run: SimulatedRun, index: int, base_lr: float, tokens_per_sample) -> float:
+    """The LR of step ``index``: the policy read on its own clock at the step's start."""
+    start = run.step_start(index)
+    if policy.unit == "samples":
+        t = start
+    elif policy.unit == "steps":
+        t = index
+    elif policy.unit == "tokens":
+        if not tokens_per_sample:
+            raise ConfigError("a tokens-unit LR policy needs --tokens-per-sample")
+        t = start * tokens_per_sample
+    else:
+        t = start / run.total_samples if run.total_samples else 0.0
+    return lr_at(policy, t, base_lr)
+
+
+def _scheduled_size(run: SimulatedRun, index: int) -> int:
+    """The scheduled size of step ``index`` (a partial last step shows the size it was cut from)."""
+    if index == run.num_steps - 1 and run.last_step_scheduled is not None:
+        return run.last_step_scheduled
+    return run.step_sizes[index]
+
+
+def describe_run(
+    lr_policy: Policy | None,
+    run: SimulatedRun,
+    *,
+    rows: int = 11,
+    dataset_size: int | None = None,
+    base_lr: float = 1.0,
+    tokens_per_sample: float | None = None,
+) -> list[dict]:
+    """Rows of the table: progress, samples, epochs, LR, batch size and optimizer steps so far.
+
+    Row ``i`` looks at sample ``s = total * i / (rows - 1)``; ``lr`` and ``batch_size`` are those of the optimizer
+    step that consumes it (the last step at 100%; a partial last step shows its scheduled size); ``steps`` counts the
+    steps completed before ``s`` (all of them at 100%).
+
+    Args:
+        lr_policy (`Policy`, *optional*): the LR policy (``None`` leaves the LR column empty).
+        run (`SimulatedRun`): ``simulate(batch_schedule, total_samples, ...)``.
+        rows (`int`, *optional*, defaults to `11`): rows evenly spaced in progress, 0% and 100% included.
+        dataset_size (`int`, *optional*): samples per epoch, for the epochs column.
+        base_lr (`float`, *optional*, defaults to `1.0`): the optimizer LR that multiplier policies scale.
+        tokens_per_sample (`float`, *optional*): for tokens-unit LR policies.
+
+    >>> from hf_batchsched.schedules.batch import PiecewiseBatch
+    >>> run = simulate(PiecewiseBatch.parse("0:10 50:20"), 100)
+    >>> [(r["samples"], r["batch_size"], r["steps"]) for r in describe_run(None, run, rows=3)]
+    [(0, 10, 0), (50, 20, 5), (100, 20, 8)]
+    """
+    if rows < 2:
+        raise ConfigError(f"--rows must be >= 2, got {rows}")
+    if not run.num_steps:
+        raise ConfigError("the run has no optimizer steps; give a positive --samples")
+    table = []
+    for i in range(rows):
+        samples = round(run.total_samples * i / (rows - 1))
+        index = run.step_index_at(samples)
+        table.append(
+            {
+                "progress": i / (rows - 1),
+                "samples": samples,
+                "epochs": samples / dataset_size if dataset_size else None,
+                "lr": _lr_at_step(lr_policy, run, index, base_lr, tokens_per_sample) if lr_policy else None,
+                "batch_size": _scheduled_size(run, index),
+                "steps": run.steps_done_at(samples) if samples < run.total_samples else run.num_steps,
+            }
+        )
+    return table
+
+
+def _format_table(table: list[dict], built: dict) -> str:
+    run = built["run"]
+    header = ["progress", "samples"] + (["epochs"] if built["dataset_size"] else []) + ["lr", "batch", "steps"]
+    lines = []
+    for row in table:
+        cells = [f"{row['progress']:.0%}", f"{row['samples']:,}"]
+        if built["dataset_size"]:
+            cells.append(f"{row['epochs']:.4g}")
+        cells += ["-" if row["lr"] is None else f"{row['lr']:.4g}", str(row["batch_size"]), f"{row['steps']:,}"]
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header)]
+    out = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    out += ["  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in lines]
+    summary = f"optimizer steps: {run.num_steps:,} for {run.samples_consumed:,} samples"
+    if run.dropped_samples:
+        summary += f" ({run.dropped_samples:,} dropped)"
+    if run.last_step_scheduled is not None:
+        summary += f"; last step partial ({run.step_sizes[-1]:,} of {run.last_step_scheduled:,})"
+    if built["baseline_run"] is not None:
+        base = built["baseline_run"].num_steps
+        summary += f"; the constant-batch LR-decay run takes {base:,} ({base / max(run.num_steps, 1):.2f}x as many)"
+    out.append(summary)
+    return "\n".join(out)
+
+
+def _draw(built: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = built["run"]
+    points = [run.total_samples * i / 600 for i in range(601)]
+    indices = [run.step_index_at(x) for x in points]
+    fig, (ax_lr, ax_batch) = plt.subplots(2, 1, sharex=True, figsize=(7, 5.5), constrained_layout=True)
+    if built["lr_policy"] is not None:
+        extra = (built["base_lr"], built["tokens_per_sample"])
+        lr = [_lr_at_step(built["lr_policy"], run, i, *extra) for i in indices]
+        label = "LR with batch growth" if built["original_lr"] is not None else "LR"
+        ax_lr.plot(points, lr, drawstyle="steps-post", label=label)
+        if built["original_lr"] is not None:
+            base = built["baseline_run"]
+            original = [_lr_at_step(built["original_lr"], base, base.step_index_at(x), *extra) for x in points]
+            ax_lr.plot(points, original, "--", drawstyle="steps-post", label="original LR (constant batch)")
+        positive = [v for v in lr + (original if built["original_lr"] is not None else []) if v > 0]
+        if positive and max(positive) / min(positive) > 50:
+            ax_lr.set_yscale("log")
+        ax_lr.legend(loc="best", fontsize="small")
+    else:
+        ax_lr.text(0.5, 0.5, "no LR policy given", ha="center", va="center", transform=ax_lr.transAxes)
+    ax_lr.set_ylabel("learning rate")
+    ax_batch.plot(points, [_scheduled_size(run, i) for i in indices], drawstyle="steps-post", color="tab:orange")
+    if built["baseline_run"] is not None:
+        base_size = built["baseline_run"].step_sizes[0]
+        ax_batch.axhline(base_size, linestyle="--", color="tab:gray", label=f"original constant batch ({base_size})")
+        ax_batch.legend(loc="best", fontsize="small")
+    ax_batch.set_ylabel("global batch size")
+    ax_batch.set_xlabel("samples seen" + (f" (1 epoch = {built['dataset_size']:,})" if built["dataset_size"] else ""))
+    title = f"{run.num_steps:,} optimizer steps"
+    if built["baseline_run"] is not None:
+        title += f" (constant batch: {built['baseline_run'].num_steps:,})"
+    ax_lr.set_title(title)
+    for ax in (ax_lr, ax_batch):
+        ax.grid(alpha=0.3)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _to_json(table: list[dict], built: dict, png: str | None) -> dict:
+    run, batch = built["run"], built["batch"]
+    try:
+        batch_config = batch.to_config()
+    except ConfigError:
+        batch_config = None
+    lr_policy = built["original_lr"] or built["lr_policy"]
+    return {
+        "samples": run.total_samples,
+        "dataset_size": built["dataset_size"],
+        "num_steps": run.num_steps,
+        "dropped_samples": run.dropped_samples,
+        "baseline_num_steps": built["baseline_run"].num_steps if built["baseline_run"] else None,
+        "batch_schedule": batch_config,
+        "batch_unit": batch.unit,
+        "lr_policy": _jsonable(lr_policy_to_config(lr_policy)) if lr_policy is not None else None,
+        "lr_is_residual": built["original_lr"] is not None,
+        "rows": table,
+        "png": png,
+    }
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.example and args.config:
+        raise ConfigError("give --config FILE or --example, not both")
+    config: dict = {}
+    if args.example:
+        config = load_plot_config(resources.files("hf_batchsched").joinpath(EXAMPLE_CONFIG))
+    elif args.config:
+        config = load_plot_config(args.config)
+    built = _build(_merge_flags(config, args))
+    table = describe_run(
+        built["lr_policy"],
+        built["run"],
+        rows=args.rows,
+        dataset_size=built["dataset_size"],
+        base_lr=built["base_lr"],
+        tokens_per_sample=built["tokens_per_sample"],
+    )
+    png = None if args.no_png else args.output
+    if png:
+        _draw(built, png)
+    if args.json:
+        print(json.dumps(_to_json(table, built, png), indent=2))
+    else:
+        print(_format_table(table, built))
+        if png:
+            print(f"wrote {png}")
+    return 0
