@@ -1,0 +1,490 @@
+"""Batch-size ramping inside the Hugging Face ``Trainer``: ``BatchRampMixin`` and ``BatchRampTrainer``.
+
+Smith, Kindermans, Ying & Le (ICLR 2018, https://arxiv.org/abs/1711.00489): growing the batch size B plays the
+role of decaying the learning rate, with far fewer optimizer updates. Here B(t) is a pure function of the
+training clock (consumed samples or tokens) and is realised as **accumulation at a fixed micro-batch**:
+
+- the train DataLoader yields one *step batch* per optimizer step (this rank's share, ``B(t) / world_size``
+  samples, from ``RampBatchSampler``); the Trainer runs with ``gradient_accumulation_steps=1``;
+- ``training_step`` splits it into micro-chunks of at most ``max_micro_batch_size`` samples, trims each chunk's
+  padding (columns where the whole chunk's ``attention_mask`` is 0), and runs forward/backward per chunk; under
+  DDP only the last chunk synchronises gradients (``accelerator.no_sync``);
+- the loss is normalised over the whole step batch: token-level for causal-LM labels through the Trainer's own
+  ``num_items_in_batch`` (counted over all chunks and all ranks, labels shifted like the model's loss),
+  per-sample otherwise; so a step of B samples in k chunks gives the update of one chunk of B;
+- ``num_train_epochs`` counts passes over the data; the number of optimizer steps (and the default LR
+  scheduler's horizon) comes from simulating the ramp (``RampBatchSampler.plan``); ``max_steps`` still caps;
+  ``state.epoch`` reports passes over the data; ``eval_strategy``/``save_strategy``/``logging_strategy`` of
+  ``"epoch"`` fire at pass boundaries, ``"steps"`` as usual;
+- ``self.clock`` (``TrainingClock``) counts steps, consumed samples and non-pad tokens (global over ranks); it
+  and the sampler position are saved with every checkpoint (``batchsched_state.json``), and
+  ``train(resume_from_checkpoint=...)`` continues with the same samples, batch sizes and losses.
+
+The schedule is read when the DataLoader draws a step batch: with ``dataloader_num_workers=0`` that is right
+before the step that uses it, after the previous step's optimizer step, callbacks and step hooks, so an online
+(adaptive) schedule sees every measurement up to the previous step; worker processes read it earlier (prefetch).
+
+Everything that touches Trainer internals lives in this module.
+
+Step hooks
+----------
+``trainer.add_step_hook(obj)`` registers an object that may implement either method:
+
+- ``on_micro_chunk_end(trainer, chunk_index, num_chunks, chunk_num_samples)``: called on every rank after each
+  micro-chunk's backward (before the optimizer step; for ``chunk_index < num_chunks - 1`` the gradients are
+  this rank's local accumulation, not yet all-reduced). A gradient-noise-scale estimator reads norms here.
+- ``on_step_batch_end(trainer, step_num_samples)``: after the last chunk of a step (global sample count).
+
+Metrics (added to every training log, so they reach every ``report_to`` integration):
+
+| name | meaning |
+|---|---|
+| ``batchsched/batch_size`` | global batch size of the last optimizer step |
+| ``batchsched/samples_seen`` | consumed samples (all ranks) |
+| ``batchsched/tokens_seen`` | consumed non-pad tokens (all ranks) |
+| ``batchsched/micro_chunks`` | micro-chunks per rank in the last step |
+| ``batchsched/sgd_noise`` | Smith et al.'s noise scale g = lr (N/B - 1) / (1 - m) (m: momentum or Adam beta1) |
+
+Example:
+
+>>> from transformers import TrainingArguments
+>>> from hf_batchsched.testing import tiny_llama, synthetic_lm_dataset
+>>> args = TrainingArguments("/tmp/ramp-doctest", per_device_train_batch_size=4, num_train_epochs=1,
+...                          report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True)
+>>> trainer = BatchRampTrainer(model=tiny_llama(), args=args, train_dataset=synthetic_lm_dataset(32),
+...                            batch_schedule=lambda consumed: 8 if consumed < 16 else 16)
+>>> from transformers import PrinterCallback
+>>> trainer.remove_callback(PrinterCallback)
+>>> _ = trainer.train()
+>>> trainer.ramp_plan, trainer.clock.optimizer_steps, trainer.clock.consumed_samples
+([8, 8, 16], 3, 32)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import logging
+import math
+import os
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, get_last_checkpoint, seed_worker
+
+from .clock import TrainingClock
+from .data.sampler import RampBatchSampler, as_batch_schedule
+from .errors import ConfigError, check_positive
+from .schedules.base import Policy
+
+__all__ = ["BatchRampMixin", "BatchRampTrainer", "RAMP_STATE_NAME", "sgd_noise_scale", "split_micro_chunks"]
+
+logger = logging.getLogger(__name__)
+
+RAMP_STATE_NAME = "batchsched_state.json"
+
+
+def sgd_noise_scale(lr: float, dataset_size: int, batch_size: int, momentum: float = 0.0) -> float:
+    """Smith et al.'s SGD noise scale ``g = lr * (N / B - 1) / (1 - m)``.
+
+    >>> round(sgd_noise_scale(0.1, 50_000, 128, momentum=0.9), 6)
+    389.625
+    """
+    if not 0 <= momentum < 1:
+        raise ConfigError(f"momentum must be in [0, 1), got {momentum}")
+    return lr * (dataset_size / batch_size - 1) / (1 - momentum)
+
+
+def _batch_len(inputs: dict) -> int:
+    for value in inputs.values():
+        if torch.is_tensor(value) and value.dim() > 0:
+            return value.shape[0]
+    raise ConfigError("cannot find the batch dimension: the collated batch has no tensor")
+
+
+def split_micro_chunks(inputs: dict, max_micro_batch_size: int) -> list[dict]:
+    """Split a collated batch into chunks of at most ``max_micro_batch_size`` rows, trimming each chunk's padding.
+
+    Columns (dim 1 of every tensor whose dim 1 has the sequence length) where the chunk's ``attention_mask`` is 0 in
+    every row are cut from both ends; collators must label padding ``-100`` (all HF LM collators do), so the loss
+    is unchanged.
+
+    >>> batch = {"input_ids": torch.tensor([[5, 6, 0], [7, 0, 0], [8, 9, 4]]),
+    ...          "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])}
+    >>> [chunk["input_ids"].tolist() for chunk in split_micro_chunks(batch, 2)]
+    [[[5, 6], [7, 0]], [[8, 9, 4]]]
+    """
+    num_rows = _batch_len(inputs)
+    mask = inputs.get("attention_mask")
+    padded = torch.is_tensor(mask) and mask.dim() == 2 and not bool(mask.all())
+    if num_rows <= max_micro_batch_size and not padded:
+        return [inputs]
+    chunks = []
+    for start in range(0, num_rows, max_micro_batch_size):
+        chunk = {
+            key: value[start : start + max_micro_batch_size]
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == num_rows
+            else value
+            for key, value in inputs.items()
+        }
+        mask = chunk.get("attention_mask")
+        if padded:
+            columns = mask.bool().any(dim=0).nonzero().flatten()
+            seq_len = mask.shape[1]
+            if len(columns) and (columns[0] > 0 or columns[-1] < seq_len - 1):
+                low, high = int(columns[0]), int(columns[-1]) + 1
+                chunk = {
+                    key: value[:, low:high]
+                    if torch.is_tensor(value) and value.dim() >= 2 and value.shape[1] == seq_len
+                    else value
+                    for key, value in chunk.items()
+                }
+        chunks.append(chunk)
+    return chunks
+
+
+class _RampCallback(TrainerCallback):
+    """Keeps ``state.epoch`` in data passes, fires epoch strategies at pass boundaries, saves the ramp state."""
+
+    def __init__(self, trainer: BatchRampMixin):
+        self.trainer = trainer
+        self._epoch_flags_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        dataset_size = trainer._ramp_sampler.num_samples
+        consumed = trainer.clock.consumed_samples
+        state.epoch = consumed / dataset_size
+        if (consumed - (trainer.last_batch_size or 0)) // dataset_size < consumed // dataset_size:
+            if args.logging_strategy == IntervalStrategy.EPOCH:
+                control.should_log = True
+            if args.eval_strategy == IntervalStrategy.EPOCH and args.eval_delay <= state.epoch:
+                control.should_evaluate = True
+            if args.save_strategy == IntervalStrategy.EPOCH:
+                control.should_save = True
+            self._epoch_flags_at = state.global_step
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # The Trainer sees one "epoch" spanning the whole run; if its end coincides with a pass boundary we have
+        # already logged/evaluated/saved at this step, so do not do it twice.
+        if self._epoch_flags_at == state.global_step:
+            control.should_log = control.should_evaluate = control.should_save = False
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer.is_world_process_zero():
+            folder = os.path.join(trainer._get_output_dir(trial=None), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            if os.path.isdir(folder):
+                with open(os.path.join(folder, RAMP_STATE_NAME), "w") as file:
+                    json.dump(trainer.ramp_state_dict(), file, indent=2)
+        return control
+
+
+class BatchRampMixin:
+    """Mix into any ``Trainer`` subclass (``class T(BatchRampMixin, trl.SFTTrainer)``) to ramp the batch size.
+
+    Args:
+        batch_schedule (`Callable`, `int` or `dict`, *optional*): global batch size as a function of consumed
+            samples (or tokens, if its ``.unit`` is ``"tokens"``); an ``int`` is constant; a dict goes through
+            ``hf_batchsched.schedules.batch.batch_schedule_from_config``. Defaults to the plain Trainer's
+            ``per_device_train_batch_size * world_size * gradient_accumulation_steps`` (constant).
+        max_micro_batch_size (`int`, *optional*): largest chunk one forward/backward sees on one rank. Defaults to
+            ``per_device_train_batch_size``.
+        lr_policy (`Policy` or `dict`, *optional*): an LR policy (``hf_batchsched.schedules.lr``); the scheduler
+            becomes ``PolicyLRScheduler`` reading ``self.clock`` in the policy's unit. Defaults to the Trainer's
+            ``lr_scheduler_type`` with the simulated number of steps as horizon.
+        seed (`int`, *optional*): data-order seed (pass ``p`` uses ``seed + p``). Defaults to ``args.data_seed``,
+            else ``args.seed``.
+        rounding (`str`, *optional*, defaults to `"down"`): sizes that are not multiples of ``batch_size_multiple``
+            are rounded down (at least one multiple; logged); ``"error"`` raises a ``ConfigError`` instead.
+
+    Bad input raises ``ConfigError``: a ramp with ``gradient_accumulation_steps > 1`` (the chunks replace it), an
+    ``IterableDataset``, a schedule larger than the dataset, ``auto_find_batch_size``, DeepSpeed. With no
+    ``batch_schedule`` and ``gradient_accumulation_steps > 1`` the accumulation moves into the chunks (logged).
+    """
+
+    def __init__(
+        self,
+        *args,
+        batch_schedule=None,
+        max_micro_batch_size: int | None = None,
+        lr_policy: Policy | dict | None = None,
+        seed: int | None = None,
+        batch_size_multiple: int | None = None,
+        rounding: str = "down",
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        targs = self.args
+        world_size = targs.world_size
+        accumulation = targs.gradient_accumulation_steps
+        if batch_schedule is None:
+            batch_schedule = targs.per_device_train_batch_size * world_size * accumulation
+            if accumulation > 1:
+                logger.warning(
+                    "BatchRampTrainer: gradient_accumulation_steps=%d is realised as micro-chunks of a constant "
+                    "global batch of %d; setting the Trainer's gradient_accumulation_steps to 1",
+                    accumulation,
+                    batch_schedule,
+                )
+        elif accumulation > 1:
+            raise ConfigError(
+                f"gradient_accumulation_steps={accumulation} cannot be combined with a batch_schedule: the ramp "
+                "accumulates micro-chunks itself. Set gradient_accumulation_steps=1 and max_micro_batch_size to the "
+                "largest chunk that fits in memory"
+            )
+        if accumulation > 1:
+            targs.gradient_accumulation_steps = 1
+            self.accelerator.gradient_accumulation_steps = 1
+        if targs.auto_find_batch_size:
+            raise ConfigError("auto_find_batch_size is not supported with a batch ramp; set max_micro_batch_size")
+        if self.is_deepspeed_enabled:
+            raise ConfigError(
+                "BatchRampTrainer does not support DeepSpeed yet (its engine owns gradient accumulation); use DDP "
+                "or FSDP through accelerate"
+            )
+        self.max_micro_batch_size = max_micro_batch_size or targs.per_device_train_batch_size
+        check_positive("max_micro_batch_size", self.max_micro_batch_size)
+        self.batch_schedule = as_batch_schedule(batch_schedule)
+        if lr_policy is not None and not isinstance(lr_policy, Policy):
+            from .schedules.lr import lr_policy_from_config
+
+            lr_policy = lr_policy_from_config(lr_policy)
+        self.lr_policy = lr_policy
+        self.ramp_seed = seed if seed is not None else (targs.data_seed if targs.data_seed is not None else targs.seed)
+        self.ramp_rounding = rounding
+        self.batch_size_multiple = batch_size_multiple or self.max_micro_batch_size * world_size
+        if self.batch_size_multiple % world_size:
+            raise ConfigError(
+                f"batch_size_multiple={self.batch_size_multiple} must be a multiple of world_size={world_size} so "
+                "every rank gets the same number of samples"
+            )
+        if isinstance(self.train_dataset, IterableDataset):
+            raise ConfigError(
+                "a batch ramp needs a map-style train_dataset with a length (an IterableDataset cannot be shuffled "
+                "or resumed by position); materialise it, e.g. datasets.Dataset.from_generator(...)"
+            )
+        self.clock = TrainingClock()
+        self.last_batch_size: int | None = None
+        self.last_micro_chunks: int | None = None
+        self._step_hooks: list = []
+        self._ramp_sampler: RampBatchSampler | None = None
+        self._ramp_callback = _RampCallback(self)
+        self.add_callback(self._ramp_callback)
+
+    # ---- public extras -------------------------------------------------------------------------
+    def add_step_hook(self, hook) -> None:
+        """Register an object with ``on_micro_chunk_end`` and/or ``on_step_batch_end`` (see the module docstring)."""
+        if not (hasattr(hook, "on_micro_chunk_end") or hasattr(hook, "on_step_batch_end")):
+            raise ConfigError(
+                f"{type(hook).__name__} implements neither on_micro_chunk_end nor on_step_batch_end; nothing to call"
+            )
+        self._step_hooks.append(hook)
+
+    def ramp_state_dict(self) -> dict:
+        """Clock and sampler position after the last completed optimizer step (what checkpoints store)."""
+        return {
+            "clock": self.clock.state_dict(),
+            "sampler": {
+                "consumed_samples": self.clock.consumed_samples,
+                "consumed_tokens": self.clock.consumed_tokens,
+                "seed": self.ramp_seed,
+                "num_samples": len(self.train_dataset),
+            },
+            "last_batch_size": self.last_batch_size,
+            "last_micro_chunks": self.last_micro_chunks,
+        }
+
+    def load_ramp_state_dict(self, state: dict) -> None:
+        if state["sampler"]["num_samples"] != len(self.train_dataset) or state["sampler"]["seed"] != self.ramp_seed:
+            raise ConfigError(
+                f"the checkpoint's ramp state was saved for a dataset of {state['sampler']['num_samples']} samples "
+                f"and seed {state['sampler']['seed']}; resume with the same train_dataset and seed"
+            )
+        self.clock.load_state_dict(state["clock"])
+        self.last_batch_size = state.get("last_batch_size")
+        self.last_micro_chunks = state.get("last_micro_chunks")
+
+    # ---- training entry ------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ConfigError(f"no checkpoint found in output_dir {self.args.output_dir!r} to resume from")
+        self.clock.load_state_dict(TrainingClock().state_dict())
+        self.last_batch_size = self.last_micro_chunks = None
+        if resume_from_checkpoint:
+            path = os.path.join(resume_from_checkpoint, RAMP_STATE_NAME)
+            if not os.path.isfile(path):
+                raise ConfigError(
+                    f"{resume_from_checkpoint} has no {RAMP_STATE_NAME}: it was not saved by a BatchRampTrainer, so "
+                    "the data position and batch-size clock cannot be restored"
+                )
+            with open(path) as file:
+                self.load_ramp_state_dict(json.load(file))
+        # The sampler resumes from the clock; the Trainer's own skip (global_step x GAS batches) must not run.
+        ignore_data_skip = self.args.ignore_data_skip
+        self.args.ignore_data_skip = True
+        try:
+            return super().train(
+                resume_from_checkpoint=resume_from_checkpoint or None,
+                trial=trial,
+                ignore_keys_for_eval=ignore_keys_for_eval,
+                **kwargs,
+            )
+        finally:
+            self.args.ignore_data_skip = ignore_data_skip
+
+    def get_train_dataloader(self) -> DataLoader:
+        """One batch per optimizer step, this rank's share, from a rank-aware ``RampBatchSampler``.
+
+        The DataLoader is not passed through ``accelerator.prepare``: accelerate would re-shard the batch sampler
+        (``BatchSamplerShard``) and prefetch; the Trainer's ``_prepare_inputs`` moves each chunk to the device.
+        """
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        dataset = self.train_dataset
+        try:
+            import datasets
+
+            is_hf_dataset = isinstance(dataset, datasets.Dataset)
+        except ImportError:  # pragma: no cover
+            is_hf_dataset = False
+        if is_hf_dataset:
+            dataset = self._remove_unused_columns(dataset, description="training")
+            collator = self.data_collator
+        else:
+            collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
+        targs = self.args
+        if targs.max_steps > 0:
+            total_samples = math.inf
+        else:
+            total_samples = math.ceil(targs.num_train_epochs * len(dataset))
+        self._ramp_sampler = RampBatchSampler(
+            dataset,
+            self.batch_schedule,
+            rank=targs.process_index,
+            world_size=targs.world_size,
+            seed=self.ramp_seed,
+            round_to=self.batch_size_multiple,
+            rounding=self.ramp_rounding,
+            total_samples=total_samples,
+            consumed_samples=self.clock.consumed_samples,
+            consumed_tokens=self.clock.consumed_tokens,
+        )
+        loader_kwargs = {}
+        if targs.dataloader_num_workers > 0:
+            loader_kwargs = {
+                "prefetch_factor": targs.dataloader_prefetch_factor,
+                "persistent_workers": targs.dataloader_persistent_workers,
+                "worker_init_fn": functools.partial(
+                    seed_worker, num_workers=targs.dataloader_num_workers, rank=targs.process_index
+                ),
+            }
+        return DataLoader(
+            dataset,
+            batch_sampler=self._ramp_sampler,
+            collate_fn=collator,
+            num_workers=targs.dataloader_num_workers,
+            pin_memory=targs.dataloader_pin_memory and targs.device.type == "cuda",
+            **loader_kwargs,
+        )
+
+    def set_initial_training_values(self, args, dataloader):
+        """Simulate the ramp from the start of the run: the Trainer sees one "epoch" of ``max_steps`` steps."""
+        planner = copy.copy(self._ramp_sampler)
+        planner.consumed_samples = planner.consumed_tokens = 0
+        plan = planner.plan(max_steps=args.max_steps if args.max_steps > 0 else None)
+        if not plan:
+            raise ConfigError("the batch ramp plans no optimizer step; check num_train_epochs / max_steps")
+        max_steps = len(plan)
+        self.ramp_plan = plan
+        self.clock.total_steps = max_steps
+        self.clock.total_samples = sum(plan)
+        if planner.lengths is not None:
+            self.clock.total_tokens = int(planner.lengths.sum()) * self.clock.total_samples // planner.num_samples
+        logger.info(
+            "BatchRampTrainer: %d optimizer steps, %d samples (%.3g passes), global batch %d -> %d",
+            max_steps,
+            sum(plan),
+            sum(plan) / planner.num_samples,
+            plan[0],
+            max(plan),
+        )
+        # num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples, total_train_batch_size,
+        # steps_in_epoch, max_steps
+        return 1, max_steps, planner.num_samples, sum(plan), plan[0], max_steps, max_steps
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer = None):
+        """``PolicyLRScheduler`` on ``self.clock`` when an ``lr_policy`` was given, else the Trainer's scheduler."""
+        if self.lr_policy is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            from .schedules.scheduler import PolicyLRScheduler
+
+            self.lr_scheduler = PolicyLRScheduler(optimizer or self.optimizer, self.lr_policy, self.clock)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    # ---- one optimizer step --------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Forward/backward the step batch in micro-chunks; only the last chunk synchronises gradients."""
+        chunks = split_micro_chunks(inputs, self.max_micro_batch_size)
+        mask = inputs.get("attention_mask")
+        local_tokens = int(mask.sum()) if torch.is_tensor(mask) else int(inputs["input_ids"].numel())
+        step_samples, step_tokens = _batch_len(inputs), local_tokens
+        world_size = self.accelerator.num_processes
+        if world_size > 1:  # the collated batch is still on the CPU; one small all-reduce per step
+            counts = torch.tensor([step_samples, step_tokens], dtype=torch.long, device=self.args.device)
+            step_samples, step_tokens = (int(value) for value in self.accelerator.reduce(counts, "sum").tolist())
+        total_loss = None
+        for index, chunk in enumerate(chunks):
+            chunk_samples = _batch_len(chunk)
+            # Per-sample normalisation (used by the Trainer when the loss is not normalised by num_items_in_batch):
+            # each chunk's mean loss is weighted by its share of the global step batch; DDP then averages ranks.
+            self.current_gradient_accumulation_steps = step_samples / (chunk_samples * world_size)
+            last = index == len(chunks) - 1
+            sync = contextlib.nullcontext if last else functools.partial(self.accelerator.no_sync, model=model)
+            with sync():
+                loss = super().training_step(model, chunk, num_items_in_batch)
+            total_loss = loss if total_loss is None else total_loss + loss
+            for hook in self._step_hooks:
+                if hasattr(hook, "on_micro_chunk_end"):
+                    hook.on_micro_chunk_end(self, index, len(chunks), chunk_samples)
+        self.clock.advance(samples=step_samples, tokens=step_tokens)
+        self.last_batch_size, self.last_micro_chunks = step_samples, len(chunks)
+        for hook in self._step_hooks:
+            if hasattr(hook, "on_step_batch_end"):
+                hook.on_step_batch_end(self, step_samples)
+        return total_loss
+
+    # ---- logging -------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.last_batch_size:
+            logs["batchsched/batch_size"] = self.last_batch_size
+            logs["batchsched/samples_seen"] = self.clock.consumed_samples
+            logs["batchsched/tokens_seen"] = self.clock.consumed_tokens
+            logs["batchsched/micro_chunks"] = self.last_micro_chunks
+            noise = self._sgd_noise(logs.get("learning_rate"))
+            if noise is not None:
+                logs["batchsched/sgd_noise"] = noise
+        super().log(logs, start_time)
+
+    def _sgd_noise(self, lr: float | None) -> float | None:
+        if self.optimizer is None or self._ramp_sampler is None:
+            return None
+        group = self.optimizer.param_groups[0]
+        lr = group["lr"] if lr is None else lr
+        momentum = group.get("momentum", group.get("betas", (0.0,))[0]) or 0.0
+        if not 0 <= momentum < 1:
+            return None
+        return sgd_noise_scale(float(lr), self._ramp_sampler.num_samples, self.last_batch_size, float(momentum))
+
+
+class BatchRampTrainer(BatchRampMixin, Trainer):
+    """A ``transformers.Trainer`` with a batch-size ramp; see ``BatchRampMixin`` for the extra arguments."""

@@ -1,0 +1,447 @@
+"""BatchRampTrainer / BatchRampMixin driving a real ``Trainer.train`` on a tiny Llama (CPU, report_to="none")."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from hf_batchsched.data import RampBatchSampler
+from hf_batchsched.errors import ConfigError
+from hf_batchsched.schedules.lr import lr_at, make_lr_policy
+from hf_batchsched.schedules.scheduler import PolicyLRScheduler
+from hf_batchsched.testing import tiny_llama
+from hf_batchsched.trainer import BatchRampMixin, BatchRampTrainer, sgd_noise_scale
+
+torch.set_num_threads(1)
+
+
+def indexed_dataset(num_samples: int = 32, seq_len: int = 8, variable_length: bool = True, seed: int = 0) -> Dataset:
+    """LM rows whose first token is ``3 + row index`` (so batches can be traced back to indices)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = {"input_ids": [], "attention_mask": [], "labels": []}
+    for index in range(num_samples):
+        length = (
+            int(torch.randint(seq_len // 2, seq_len + 1, (1,), generator=generator)) if variable_length else seq_len
+        )
+        ids = [3 + index] + [3 + (index * 7 + j) % 120 for j in range(1, length)]
+        rows["input_ids"].append(ids)
+        rows["attention_mask"].append([1] * length)
+        rows["labels"].append(list(ids))
+    return Dataset.from_dict(rows)
+
+
+class RecordingCollator:
+    """Right-pads (pad 0, label -100) and records the dataset indices of every collated batch."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def __call__(self, features):
+        width = max(len(f["input_ids"]) for f in features)
+        self.batches.append([f["input_ids"][0] - 3 for f in features])
+
+        def pad(key, value):
+            return torch.tensor([f[key] + [value] * (width - len(f[key])) for f in features])
+
+        return {
+            "input_ids": pad("input_ids", 0),
+            "attention_mask": pad("attention_mask", 0),
+            "labels": pad("labels", -100),
+        }
+
+
+def make_args(tmp_path, **overrides) -> TrainingArguments:
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_train_epochs=1,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_pin_memory=False,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def make_trainer(tmp_path, cls=BatchRampTrainer, dataset=None, **kwargs):
+    args = kwargs.pop("args", None) or make_args(tmp_path, **kwargs.pop("arg_overrides", {}))
+    trainer = cls(
+        model=tiny_llama(seed=0),
+        args=args,
+        train_dataset=dataset if dataset is not None else indexed_dataset(),
+        data_collator=RecordingCollator(),
+        **kwargs,
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def train_losses(trainer) -> dict[int, float]:
+    return {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+
+
+def logged(trainer, key) -> dict[int, float]:
+    return {entry["step"]: entry[key] for entry in trainer.state.log_history if key in entry}
+
+
+def params(trainer) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in trainer.model.named_parameters()}
+
+
+def assert_params_close(a, b, rtol, atol):
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=name)
+
+
+def ramp(consumed: float) -> int:
+    return 4 if consumed < 8 else (8 if consumed < 24 else 16)
+
+
+# ---- invariants --------------------------------------------------------------------------------------------------
+class StreamOrderSampler(torch.utils.data.Sampler):
+    """The order RampBatchSampler reads a pass in (pass p shuffled with seed + p), as a plain sampler."""
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        yield from torch.randperm(
+            self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+        ).tolist()
+
+    def __len__(self):
+        return self.num_samples
+
+
+class PlainTrainerSameOrder(Trainer):
+    def _get_train_sampler(self, train_dataset=None):
+        return StreamOrderSampler(len(self.train_dataset), self.args.seed)
+
+
+def test_constant_schedule_reproduces_plain_trainer(tmp_path):
+    """Same data order, one chunk per step: losses and parameters match a plain Trainer (fp32, same ops)."""
+    plain = make_trainer(tmp_path / "plain", cls=PlainTrainerSameOrder, arg_overrides={"num_train_epochs": 2})
+    plain.train()
+    ours = make_trainer(tmp_path / "ours", arg_overrides={"num_train_epochs": 2})
+    ours.train()
+    assert plain.data_collator.batches == ours.data_collator.batches  # identical samples per step
+    assert len(train_losses(ours)) == 8 == ours.state.global_step
+    # identical batches and kernels: only reduction order could differ; 1e-6 relative is far below one step's change
+    assert train_losses(ours) == pytest.approx(train_losses(plain), rel=1e-6)
+    assert_params_close(params(ours), params(plain), rtol=1e-6, atol=1e-7)
+    assert ours.state.epoch == pytest.approx(2.0)
+
+
+def test_k_chunks_equal_one_chunk(tmp_path):
+    """A ramp run with 4-sample chunks gives the parameters of the same run with whole-step chunks.
+
+    Tolerance: fp32 rtol 1e-5 / atol 1e-6 -- chunking only changes the summation order of per-token losses and
+    gradients (relative error ~1e-7 per step), far below the ~1e-3 parameter change per step at lr 1e-3.
+    """
+    one = make_trainer(
+        tmp_path / "one",
+        batch_schedule=ramp,
+        max_micro_batch_size=16,
+        batch_size_multiple=4,
+        arg_overrides={"num_train_epochs": 2},
+    )
+    one.train()
+    many = make_trainer(
+        tmp_path / "many", batch_schedule=ramp, max_micro_batch_size=4, arg_overrides={"num_train_epochs": 2}
+    )
+    many.train()
+    assert logged(one, "batchsched/batch_size") == logged(many, "batchsched/batch_size")
+    assert set(logged(many, "batchsched/micro_chunks").values()) == {1, 2, 4}
+    assert set(logged(one, "batchsched/micro_chunks").values()) == {1}
+    assert train_losses(many) == pytest.approx(train_losses(one), rel=1e-5)
+    assert_params_close(params(many), params(one), rtol=1e-5, atol=1e-6)
+    moved = max((params(many)[n] - tiny_llama(seed=0).state_dict()[n]).abs().max() for n in params(many))
+    assert moved > 1e-3  # the comparison is not vacuous
+
+
+def test_ramp_follows_schedule_and_counts_passes(tmp_path):
+    trainer = make_trainer(
+        tmp_path, batch_schedule=ramp, arg_overrides={"num_train_epochs": 2, "per_device_train_batch_size": 4}
+    )
+    trainer.train()
+    expected = RampBatchSampler(32, ramp, round_to=4, total_samples=64).plan()
+    assert expected == [4, 4, 8, 8, 16, 16, 8]
+    assert list(logged(trainer, "batchsched/batch_size").values()) == expected
+    assert [len(batch) for batch in trainer.data_collator.batches] == expected
+    assert trainer.state.global_step == trainer.state.max_steps == len(expected)
+    samples = logged(trainer, "batchsched/samples_seen")
+    assert list(samples.values()) == [sum(expected[: k + 1]) for k in range(len(expected))]
+    epochs = logged(trainer, "epoch")
+    assert [epochs[step] for step in samples] == pytest.approx([s / 32 for s in samples.values()])
+    tokens = sum(
+        sum(trainer.train_dataset[i]["attention_mask"]) for batch in trainer.data_collator.batches for i in batch
+    )
+    assert trainer.clock.consumed_tokens == tokens == max(logged(trainer, "batchsched/tokens_seen").values())
+    seen = [i for batch in trainer.data_collator.batches for i in batch]
+    assert sorted(seen[:32]) == sorted(seen[32:]) == list(range(32))
+
+
+def test_torch_map_dataset(tmp_path):
+    class ListDataset(torch.utils.data.Dataset):
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, index):
+            return self.rows[index]
+
+    rows = [indexed_dataset(16)[i] for i in range(16)]
+    trainer = make_trainer(tmp_path, dataset=ListDataset(rows), batch_schedule=ramp, max_micro_batch_size=4)
+    trainer.train()
+    assert list(logged(trainer, "batchsched/batch_size").values()) == [4, 4, 8]
+    assert sorted(i for batch in trainer.data_collator.batches for i in batch) == list(range(16))
+
+
+def test_token_clocked_schedule_and_config_string(tmp_path):
+    from hf_batchsched.schedules.batch import PiecewiseBatch
+
+    schedule = PiecewiseBatch.parse("0:4 60:8", unit="tokens")
+    trainer = make_trainer(tmp_path, batch_schedule=schedule, arg_overrides={"per_device_train_batch_size": 4})
+    trainer.train()
+    lengths = [sum(mask) for mask in trainer.train_dataset["attention_mask"]]
+    expected = RampBatchSampler(32, schedule, round_to=4, lengths=lengths).plan()
+    assert list(logged(trainer, "batchsched/batch_size").values()) == expected
+    assert expected[0] == 4 and 8 in expected
+    tokens = list(logged(trainer, "batchsched/tokens_seen").values())
+    # each size is read at the tokens consumed before the step (the last step is cut at the end of the pass)
+    assert all(size == (4 if before < 60 else 8) for size, before in zip(expected[:-1], [0] + tokens[:-2]))
+    assert trainer.clock.total_tokens == sum(lengths)
+    from_string = make_trainer(tmp_path, batch_schedule="0:8 16:16")
+    assert from_string.batch_schedule(16) == 16
+
+
+def test_metrics_and_step_hooks(tmp_path):
+    class Recorder:
+        def __init__(self):
+            self.chunks, self.steps = [], []
+
+        def on_micro_chunk_end(self, trainer, chunk_index, num_chunks, chunk_num_samples):
+            grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+            self.chunks.append((chunk_index, num_chunks, chunk_num_samples, len(grads) > 0))
+
+        def on_step_batch_end(self, trainer, step_num_samples):
+            self.steps.append(step_num_samples)
+
+    trainer = make_trainer(tmp_path, batch_schedule=ramp, max_micro_batch_size=4)
+    recorder = Recorder()
+    trainer.add_step_hook(recorder)
+    trainer.train()
+    assert recorder.steps == [4, 4, 8, 8, 8]  # the last step is cut at the end of the single pass
+    assert recorder.chunks[:4] == [(0, 1, 4, True), (0, 1, 4, True), (0, 2, 4, True), (1, 2, 4, True)]
+    last = trainer.state.log_history[-2]
+    assert last["batchsched/batch_size"] == 8 and last["batchsched/micro_chunks"] == 2
+    assert last["batchsched/sgd_noise"] == pytest.approx(sgd_noise_scale(last["learning_rate"], 32, 8, momentum=0.9))
+    with pytest.raises(ConfigError, match="neither"):
+        trainer.add_step_hook(object())
+
+
+def test_epoch_strategies_fire_at_pass_boundaries(tmp_path):
+    """Constant 16 on 24 samples: steps straddle passes; eval/save once per pass, at the step crossing it."""
+    args = make_args(tmp_path, num_train_epochs=3, eval_strategy="epoch", save_strategy="epoch", logging_steps=100)
+    trainer = make_trainer(
+        tmp_path, args=args, dataset=indexed_dataset(24), batch_schedule=16, eval_dataset=indexed_dataset(8, seed=1)
+    )
+    trainer.train()
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    # samples after each step: 16, 32, 48, 64, 72 -> passes completed at steps 2, 3 and 5
+    assert [entry["step"] for entry in evals] == [2, 3, 5]
+    assert [entry["epoch"] for entry in evals] == pytest.approx([32 / 24, 2.0, 3.0])
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3", "checkpoint-5"]
+
+
+def test_dataloader_workers(tmp_path):
+    """Index lists come from the main process, collation from a worker: sizes still follow the schedule."""
+    overrides = {"dataloader_num_workers": 1, "per_device_train_batch_size": 4}
+    trainer = make_trainer(tmp_path, batch_schedule=ramp, arg_overrides=overrides)
+    trainer.train()
+    assert list(logged(trainer, "batchsched/batch_size").values()) == [4, 4, 8, 8, 8]
+
+
+def test_max_steps_caps(tmp_path):
+    trainer = make_trainer(
+        tmp_path,
+        batch_schedule=ramp,
+        arg_overrides={"max_steps": 3, "num_train_epochs": 5, "per_device_train_batch_size": 4},
+    )
+    trainer.train()
+    assert trainer.state.global_step == 3 and trainer.clock.consumed_samples == 16
+
+
+# ---- resume ------------------------------------------------------------------------------------------------------
+def test_resume_mid_ramp_reproduces_uninterrupted_run(tmp_path):
+    overrides = {"num_train_epochs": 2, "save_strategy": "steps", "save_steps": 3, "per_device_train_batch_size": 4}
+    full = make_trainer(tmp_path / "full", batch_schedule=ramp, arg_overrides=overrides)
+    full.train()
+    resumed = make_trainer(tmp_path / "resumed", batch_schedule=ramp, arg_overrides=overrides)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert resumed.data_collator.batches == full.data_collator.batches[3:]  # same samples, same sizes
+    assert logged(resumed, "batchsched/batch_size") == logged(full, "batchsched/batch_size")
+    later = {step: loss for step, loss in train_losses(full).items() if step > 3}
+    # same checkpointed state and data: only reload round-off; 1e-6 relative
+    assert {s: v for s, v in train_losses(resumed).items() if s > 3} == pytest.approx(later, rel=1e-6)
+    assert_params_close(params(resumed), params(full), rtol=1e-6, atol=1e-7)
+    assert resumed.clock.state_dict() == full.clock.state_dict()
+
+
+def test_resume_from_foreign_checkpoint_is_refused(tmp_path):
+    (tmp_path / "checkpoint-1").mkdir()
+    trainer = make_trainer(tmp_path, batch_schedule=ramp)
+    with pytest.raises(ConfigError, match="not saved by a BatchRampTrainer"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+
+
+# ---- LR on the sample clock --------------------------------------------------------------------------------------
+def test_policy_lr_scheduler_follows_pure_function_on_samples(tmp_path):
+    policy = make_lr_policy("linear_decay", total=64, end_factor=0.1, unit="samples")
+
+    class LRRecorder(TrainerCallback):
+        def __init__(self, trainer):
+            self.trainer, self.seen = trainer, []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            lrs = [group["lr"] for group in self.trainer.optimizer.param_groups]
+            self.seen.append((self.trainer.clock.consumed_samples, lrs))
+
+    trainer = make_trainer(
+        tmp_path,
+        batch_schedule=ramp,
+        lr_policy=policy,
+        arg_overrides={"num_train_epochs": 2, "per_device_train_batch_size": 4},
+    )
+    recorder = LRRecorder(trainer)
+    trainer.add_callback(recorder)
+    trainer.train()
+    assert isinstance(trainer.lr_scheduler, PolicyLRScheduler)
+    assert [samples for samples, _ in recorder.seen] == [0, 4, 8, 16, 24, 40, 56]
+    for samples, lrs in recorder.seen:
+        assert lrs == pytest.approx([lr_at(policy, samples, 1e-3)] * len(lrs), rel=1e-12)
+    state = trainer.lr_scheduler.state_dict()
+    restored = PolicyLRScheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3), policy, trainer.clock)
+    restored.load_state_dict(state)
+    assert restored.get_last_lr() == trainer.lr_scheduler.get_last_lr()
+    assert restored.get_lr() == trainer.lr_scheduler.get_lr()
+
+
+def test_lr_policy_from_config(tmp_path):
+    trainer = make_trainer(tmp_path, lr_policy={"name": "linear_decay", "total": 32, "unit": "samples"})
+    assert trainer.lr_policy.unit == "samples"
+
+
+# ---- trl -------------------------------------------------------------------------------------------------------
+def test_mixin_with_trl_sft_trainer(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+
+    class RampSFTTrainer(BatchRampMixin, SFTTrainer):
+        pass
+
+    vocab = {f"t{i}": i for i in range(128)}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t3")),
+        pad_token="t0",
+        bos_token="t1",
+        eos_token="t2",
+    )
+    dataset = indexed_dataset(16).remove_columns(["labels", "attention_mask"])
+    config = SFTConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        num_train_epochs=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        max_length=16,
+    )
+    trainer = RampSFTTrainer(
+        model=tiny_llama(seed=0),
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        batch_schedule=lambda consumed: 2 if consumed < 4 else 4,
+        max_micro_batch_size=2,
+    )
+    trainer.train()
+    assert list(logged(trainer, "batchsched/batch_size").values()) == [2, 2, 4, 4, 4]
+    assert trainer.clock.consumed_samples == 16
+    assert all("mean_token_accuracy" in e for e in trainer.state.log_history if "loss" in e)  # trl's log still runs
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+def test_bad_input(tmp_path):
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=2 cannot be combined"):
+        make_trainer(tmp_path, batch_schedule=ramp, arg_overrides={"gradient_accumulation_steps": 2})
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from ()
+
+    with pytest.raises(ConfigError, match="IterableDataset"):
+        make_trainer(tmp_path, dataset=Stream(), arg_overrides={"max_steps": 2})
+    with pytest.raises(ConfigError, match="more than the 32 samples"):
+        make_trainer(tmp_path, batch_schedule=64).train()
+    with pytest.raises(ConfigError, match="not a multiple"):
+        make_trainer(tmp_path, batch_schedule=12, rounding="error").train()
+    with pytest.raises(ConfigError, match="max_micro_batch_size must be > 0"):
+        make_trainer(tmp_path, max_micro_batch_size=-1)
+    with pytest.raises(ConfigError, match="batch schedule"):
+        make_trainer(tmp_path, batch_schedule="big")
+    with pytest.raises(ConfigError, match="batch_schedule must be"):
+        make_trainer(tmp_path, batch_schedule=[4, 8])
+
+
+def test_gradient_accumulation_without_schedule_matches_plain_trainer(tmp_path, caplog):
+    """No schedule + gradient_accumulation_steps=2: chunks of the constant batch, same run as a plain Trainer."""
+    overrides = {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 4}
+    plain = make_trainer(tmp_path / "plain", cls=PlainTrainerSameOrder, arg_overrides=overrides)
+    plain.train()
+    with caplog.at_level("WARNING", logger="hf_batchsched.trainer"):
+        trainer = make_trainer(tmp_path / "ours", arg_overrides=overrides)
+    assert "realised as micro-chunks" in caplog.text
+    assert trainer.args.gradient_accumulation_steps == 1 and trainer.accelerator.gradient_accumulation_steps == 1
+    trainer.train()
+    assert list(logged(trainer, "batchsched/batch_size").values()) == [8] * 4
+    assert list(logged(trainer, "batchsched/micro_chunks").values()) == [2] * 4
+    # same samples per optimizer step, same token-level normalisation; only summation order may differ (1e-5)
+    assert train_losses(trainer) == pytest.approx(train_losses(plain), rel=1e-5)
+    assert_params_close(params(trainer), params(plain), rtol=1e-5, atol=1e-6)
+
+
+def test_per_sample_normalisation_k_chunks_equal_one_chunk(tmp_path):
+    """Without num_items_in_batch (model_accepts_loss_kwargs=False) each chunk's mean loss is weighted by its size.
+
+    Fixed-length rows, so per-sample and per-token means coincide and one chunk of B is the reference.
+    """
+    runs = {}
+    for micro in (16, 4):
+        trainer = make_trainer(
+            tmp_path / str(micro), dataset=indexed_dataset(variable_length=False), batch_schedule=ramp,
+            max_micro_batch_size=micro, batch_size_multiple=4,
+        )  # fmt: skip
+        trainer.model_accepts_loss_kwargs = False
+        trainer.train()
+        runs[micro] = trainer
+    assert set(logged(runs[4], "batchsched/micro_chunks").values()) == {1, 2}
+    assert train_losses(runs[4]) == pytest.approx(train_losses(runs[16]), rel=1e-5)
+    assert_params_close(params(runs[4]), params(runs[16]), rtol=1e-5, atol=1e-6)
