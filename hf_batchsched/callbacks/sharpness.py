@@ -1,0 +1,261 @@
+"""``SharpnessProbeCallback``: measure sharpness during ``Trainer.train`` and log it to every ``report_to``.
+
+A thin shell over :func:`hf_batchsched.probes.sharpness.estimate_sharpness` on a fixed probe set.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from transformers import TrainerCallback
+
+from ..errors import ConfigError, check_positive
+from ..probes.sharpness import estimate_sharpness, validate_sharpness_options
+
+__all__ = ["SharpnessProbeCallback"]
+
+_COUNTERS = ("_hvps", "_evals", "_fd")
+
+
+class SharpnessProbeCallback(TrainerCallback):
+    """Probe the sharpness of the training loss every ``every_n_steps`` steps and/or after each evaluation.
+
+    The probe runs at ``on_step_end`` (after ``zero_grad``, so it cannot touch accumulated gradients) on a fixed
+    probe set (``num_probe_samples`` samples drawn once from the training set with ``seed``, or
+    ``probe_dataset``), collated with the trainer's ``data_collator`` into batches of ``probe_batch_size`` (lower
+    it if a probe batch does not fit in memory), and logs through ``trainer.log`` so the values reach every
+    ``report_to`` integration. The model is left exactly as found (parameters, BatchNorm statistics, gradients,
+    train/eval mode, RNG states).
+
+    Under DDP every rank runs the probe on its share of the probe batches and the loss, gradient and HVP sums are
+    all-reduced, so all ranks log the same numbers. QLoRA (4-bit base) works in adapter space and in merged
+    space (the 4-bit base is dequantised for the reference scale); only tested on CPU, where the probe also stops
+    bitsandbytes from repacking 4-bit weights for inference (which would cut gradients).
+
+    | logged name | meaning |
+    |---|---|
+    | ``sharpness/avg``, ``sharpness/avg_stderr`` | average-case sharpness and its standard error |
+    | ``sharpness/keskar``, ``sharpness/keskar_first_order`` | Keskar metric 2.1 and its first-order prediction |
+    | ``sharpness/lambda_max`` | top Hessian eigenvalue |
+    | ``sharpness/eos_ratio`` | preconditioned sharpness over the optimizer's stability threshold (1 = edge) |
+    | ``sharpness/lambda_max_preconditioned`` | ``lambda_1(P^-1 H)`` under Adam(W) |
+    | ``sharpness/trace``, ``sharpness/trace_stderr`` | Hutchinson Hessian trace and its standard error |
+    | ``sharpness/loss`` | probe-set loss at the current weights |
+
+    TensorBoard shows them as ``train/sharpness/...`` (the Trainer's TensorBoard callback prefixes ``train/``).
+
+    Args:
+        trainer (`transformers.Trainer`):
+            The trainer whose model is probed.
+        metrics (`Sequence[str]`, *optional*, defaults to `("avg",)`):
+            Any of ``"avg"``, ``"keskar"``, ``"lambda_max"``, ``"trace"``.
+        every_n_steps (`int` or `None`, *optional*, defaults to `500`):
+            Probe when ``global_step`` is a multiple of it; ``None`` probes only after evaluations.
+        on_evaluate (`bool`, *optional*, defaults to `True`):
+            Also probe after each evaluation (once per step at most).
+        probe_dataset (`Dataset`, *optional*):
+            Where the probe samples come from; defaults to ``trainer.train_dataset``.
+        num_probe_samples (`int`, *optional*, defaults to `16`):
+            Size of the fixed probe set.
+        probe_batch_size (`int`, *optional*, defaults to `8`):
+            Samples per probe batch (the unit of memory).
+        budget (`float`, *optional*):
+            Maximum share of training wall time spent probing, in (0, 1]: a probe is skipped when the previous
+            probe's measured cost would push the share above it.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed for choosing the probe set and for the estimators.
+        **metric_options:
+            Passed to :func:`~hf_batchsched.probes.sharpness.estimate_sharpness` (e.g. ``sigma=0.05``,
+            ``merged=True``, ``max_steps=20``).
+
+    Example:
+
+    ```python
+    trainer = Trainer(model=peft_model, args=TrainingArguments(..., report_to="tensorboard"), train_dataset=ds)
+    trainer.add_callback(SharpnessProbeCallback(trainer, metrics=("avg", "lambda_max"), every_n_steps=200))
+    trainer.train()
+    ```
+    """
+
+    state_key = "hf_batchsched.SharpnessProbeCallback"
+
+    def __init__(
+        self,
+        trainer,
+        metrics: Sequence[str] = ("avg",),
+        every_n_steps: int | None = 500,
+        on_evaluate: bool = True,
+        probe_dataset=None,
+        num_probe_samples: int = 16,
+        probe_batch_size: int = 8,
+        budget: float | None = None,
+        seed: int = 0,
+        **metric_options,
+    ):
+        self.metrics = validate_sharpness_options(metrics, metric_options)
+        for reserved in ("distributed", "seed"):
+            metric_options.pop(reserved, None)
+        if every_n_steps is not None:
+            check_positive("every_n_steps", every_n_steps)
+        if every_n_steps is None and not on_evaluate:
+            raise ConfigError("the probe would never run: set every_n_steps or on_evaluate=True")
+        check_positive("num_probe_samples", num_probe_samples)
+        check_positive("probe_batch_size", probe_batch_size)
+        if budget is not None and not 0 < budget <= 1:
+            raise ConfigError(f"budget is a fraction of training wall time in (0, 1], got {budget}")
+        model = trainer.model
+        if not metric_options.get("merged") and not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError(
+                "the model has no trainable parameters to probe; attach a LoRA adapter or unfreeze parameters"
+            )
+        dataset = probe_dataset if probe_dataset is not None else trainer.train_dataset
+        if dataset is None:
+            raise ConfigError("no probe data: pass probe_dataset= or give the trainer a train_dataset")
+        self.trainer = trainer
+        self.every_n_steps = every_n_steps
+        self.on_evaluate_probe = on_evaluate
+        self.dataset = dataset
+        self.num_probe_samples = int(num_probe_samples)
+        self.probe_batch_size = int(probe_batch_size)
+        self.budget = budget
+        self.seed = int(seed)
+        self.metric_options = metric_options
+        # state saved with checkpoints
+        self.probe_indices: list[int] | None = None
+        self.num_probes = 0
+        self.num_skipped = 0
+        self.last_probe_step = -1
+        self.probe_seconds = 0.0
+        self.last_probe_seconds: float | None = None
+        self._batches: list | None = None
+        self._train_start: float | None = None
+        self._restored = False
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The callback's state (probe set, counters); stored in ``TrainerState.stateful_callbacks``."""
+        return {
+            "seed": self.seed,
+            "probe_indices": self.probe_indices,
+            "num_probes": self.num_probes,
+            "num_skipped": self.num_skipped,
+            "last_probe_step": self.last_probe_step,
+            "probe_seconds": self.probe_seconds,
+            "last_probe_seconds": self.last_probe_seconds,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (the probe set stays the one chosen at the start of the run)."""
+        for key, value in state.items():
+            setattr(self, key, value)
+        self._batches = None
+
+    def _sync_state(self, state) -> None:
+        # Trainer writes TrainerState (with stateful_callbacks) into every checkpoint after on_step_end. The key is
+        # not a callback class name, so Trainer's own restore ignores it (with a warning) and we restore it lazily.
+        if isinstance(state.stateful_callbacks, dict):
+            state.stateful_callbacks[self.state_key] = self.state_dict()
+
+    def _maybe_restore(self, state) -> None:
+        if self._restored:
+            return
+        self._restored = True
+        stored = state.stateful_callbacks.get(self.state_key) if isinstance(state.stateful_callbacks, dict) else None
+        if stored:
+            self.load_state_dict(stored)
+
+    # -- probe set ------------------------------------------------------------------------------------------
+    def _choose_indices(self) -> list[int]:
+        if not hasattr(self.dataset, "__len__"):
+            return list(range(self.num_probe_samples))
+        size = len(self.dataset)
+        if size == 0:
+            raise ConfigError("the probe dataset is empty")
+        generator = torch.Generator().manual_seed(self.seed)
+        return sorted(torch.randperm(size, generator=generator)[: self.num_probe_samples].tolist())
+
+    def _rows(self, indices: list[int]) -> list:
+        if hasattr(self.dataset, "__getitem__") and hasattr(self.dataset, "__len__"):
+            rows = [self.dataset[i] for i in indices]
+        else:
+            rows = [row for _, row in zip(range(len(indices)), iter(self.dataset))]
+        # drop fields a collator cannot tensorise (raw text, ids as strings)
+        return [
+            {k: v for k, v in row.items() if not isinstance(v, str)} if isinstance(row, dict) else row for row in rows
+        ]
+
+    def probe_batches(self) -> list:
+        """The collated probe batches of this rank (built once, on the trainer's device)."""
+        if self._batches is None:
+            if self.probe_indices is None:
+                self.probe_indices = self._choose_indices()
+            rows = self._rows(self.probe_indices)
+            collator = self.trainer.data_collator
+            device = self.trainer.args.device
+            batches = []
+            for start in range(0, len(rows), self.probe_batch_size):
+                batch = collator(rows[start : start + self.probe_batch_size])
+                batches.append({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+            world, rank = _world()
+            self._batches = batches[rank::world]
+        return self._batches
+
+    # -- hooks ----------------------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._train_start = time.perf_counter()
+        self.probe_batches()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._maybe_restore(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._maybe_restore(state)
+        if self.every_n_steps and state.global_step % self.every_n_steps == 0:
+            self.probe(state)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.on_evaluate_probe and state.global_step != self.last_probe_step:
+            self.probe(state)
+
+    def _over_budget(self) -> bool:
+        if self.budget is None or self.last_probe_seconds is None or self._train_start is None:
+            return False
+        elapsed = time.perf_counter() - self._train_start
+        predicted = self.last_probe_seconds
+        skip = (self.probe_seconds + predicted) > self.budget * (elapsed + predicted)
+        world, _ = _world()
+        if world > 1:  # all ranks must agree, or the collectives inside the probe would hang
+            flag = torch.tensor([float(skip)], device=self.trainer.args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            skip = bool(flag.item())
+        return skip
+
+    def probe(self, state) -> dict[str, float] | None:
+        """Run the estimators now and log ``sharpness/<name>``; returns the values (``None`` when skipped)."""
+        if self._over_budget():
+            self.num_skipped += 1
+            self._sync_state(state)
+            return None
+        start = time.perf_counter()
+        options = dict(self.metric_options)
+        if "lambda_max" in self.metrics and not options.get("merged") and "optimizer" not in options:
+            optimizer = self.trainer.optimizer
+            if optimizer is not None and "lr" not in options:
+                options["optimizer"] = getattr(optimizer, "optimizer", optimizer)
+        results = estimate_sharpness(self.trainer.model, self.probe_batches(), self.metrics, seed=self.seed, **options)
+        self.last_probe_seconds = time.perf_counter() - start
+        self.probe_seconds += self.last_probe_seconds
+        self.num_probes += 1
+        self.last_probe_step = state.global_step
+        self._sync_state(state)
+        logs = {f"sharpness/{k}": float(v) for k, v in results.items() if not k.endswith(_COUNTERS)}
+        self.trainer.log(logs)
+        return results
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
