@@ -1,0 +1,56 @@
+"""Log the learning rate of every parameter group, not only group 0.
+
+The Trainer logs ``learning_rate`` from ``lr_scheduler.get_last_lr()[0]``: with per-group LRs (LoRA+'s B matrices,
+an embedding or head group, layer-wise decay) the other groups are invisible. ``LRMonitorCallback`` records the LR
+each group used in the last optimizer update (at ``on_optimizer_step``, so it matches the Trainer's own
+``learning_rate``, which is also read before the scheduler steps) and logs them through ``trainer.log`` with every
+training log, so they reach every ``report_to`` integration.
+
+| name | meaning |
+|---|---|
+| ``lr/group_<i>`` | LR of parameter group ``i`` in the last optimizer update |
+"""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+__all__ = ["LRMonitorCallback", "param_group_lrs"]
+
+
+def param_group_lrs(optimizer) -> list[float]:
+    """The current learning rate of every parameter group of ``optimizer`` (functional twin of the callback).
+
+    >>> import torch
+    >>> params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    >>> param_group_lrs(torch.optim.SGD([{"params": params[:1]}, {"params": params[1:], "lr": 0.16}], lr=0.01))
+    [0.01, 0.16]
+    """
+    return [float(group["lr"]) for group in optimizer.param_groups]
+
+
+class LRMonitorCallback(TrainerCallback):
+    """Logs ``lr/group_<i>`` for every optimizer parameter group at each logging step.
+
+    Args:
+        trainer (`transformers.Trainer`): the trainer whose optimizer is monitored.
+
+    Example:
+
+    >>> trainer.add_callback(LRMonitorCallback(trainer))  # doctest: +SKIP
+    """
+
+    def __init__(self, trainer):
+        if not hasattr(trainer, "log") or not hasattr(trainer, "args"):
+            raise TypeError(f"LRMonitorCallback needs a transformers.Trainer, got {type(trainer).__name__}")
+        self.trainer = trainer
+        self.last_lrs: list[float] | None = None
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.last_lrs = param_group_lrs(self.trainer.optimizer)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # With the Trainer's training log (the one with "loss"), as a separate entry: calling trainer.log from
+        # on_step_end instead would reset control.should_log and swallow the Trainer's own log.
+        if logs and "loss" in logs and self.last_lrs is not None:
+            self.trainer.log({f"lr/group_{i}": lr for i, lr in enumerate(self.last_lrs)})
