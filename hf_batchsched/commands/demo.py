@@ -1,0 +1,32 @@
+"""``hf-batchsched demo``: the offline LoRA fine-tune demo (see ``hf_batchsched.demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+__all__ = ["HELP", "add_arguments", "run"]
+
+HELP = "Offline demo: LoRA fine-tune of a small Llama on Python's docstrings with a batch ramp, plots and summary."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output-dir", default="outputs/demo", help="where events, plots and the adapter go")
+    parser.add_argument("--fast", action="store_true", help="reduced budget for CI: 40 optimizer steps")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    from ..demo import format_summary, run_demo
+
+    hf_logging.set_verbosity_error()
+    result = run_demo(
+        output_dir=args.output_dir, max_steps=args.max_steps, fast=args.fast, show_progress=not args.no_progress
+    )
+    print(format_summary(result))
+    return 0

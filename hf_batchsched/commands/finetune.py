@@ -1,0 +1,29 @@
+"""``hf-batchsched finetune --config recipe.yaml [--key value ...]``: the bundled recipe in one process.
+
+Same code path as ``recipes/finetune.py`` (``hf_batchsched.recipe.finetune``); use ``accelerate launch`` on that
+script for several GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["HELP", "add_arguments", "run"]
+
+HELP = "Fine-tune a causal LM from a recipe config (one process; see recipes/ for accelerate launch)."
+
+
+# Unknown arguments are config overrides (``--learning_rate 1e-4``); the dispatcher passes them as ``args.extra``.
+PASSES_UNKNOWN_ARGS = True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="recipe YAML, e.g. recipes/configs/demo_cpu.yaml")
+    parser.epilog = "Any other --key value overrides that config key, e.g. --learning_rate 1e-4 --max_steps 10."
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..recipe import finetune, parse_args
+
+    finetune(parse_args(["--config", args.config, *getattr(args, "extra", [])]))
+    return 0

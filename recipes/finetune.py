@@ -1,0 +1,51 @@
+"""Fine-tune a causal LM with a batch-size ramp, an LR policy and hf-batchsched's callbacks.
+
+One process (CPU or one GPU):
+
+    hf-batchsched finetune --config recipes/configs/demo_cpu.yaml
+    python recipes/finetune.py --config recipes/configs/demo_cpu.yaml --max_steps 20
+
+One GPU, a 7-8B model with LoRA or QLoRA:
+
+    accelerate launch --config_file recipes/accelerate/single_gpu.yaml recipes/finetune.py \
+        --config recipes/configs/llama8b_lora.yaml
+    accelerate launch --config_file recipes/accelerate/single_gpu.yaml recipes/finetune.py \
+        --config recipes/configs/llama8b_qlora.yaml
+
+Several GPUs (DDP; FSDP with recipes/accelerate/fsdp.yaml), or torchrun:
+
+    accelerate launch --config_file recipes/accelerate/multi_gpu_ddp.yaml recipes/finetune.py \
+        --config recipes/configs/ddp_lora.yaml
+    torchrun --nproc_per_node 4 recipes/finetune.py --config recipes/configs/ddp_lora.yaml
+
+Any key of the config can be overridden on the command line (``--learning_rate 1e-4``, ``--peft lora``,
+``--batch_schedule '{"name": "constant", "batch_size": 64}'``). Bad keys or values stop with one line naming the
+key (exit code 2). The shared logic lives in ``hf_batchsched.recipe``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from hf_batchsched.errors import ConfigError
+from hf_batchsched.recipe import finetune, parse_args
+
+
+def main(argv: list[str] | None = None):
+    """Parse the config and run the recipe (the same function ``hf-batchsched finetune`` runs):
+
+    1. config: YAML + command-line overrides, validated (unknown keys, bad values, QLoRA without a GPU);
+    2. model and tokenizer (+ LoRA / QLoRA adapters); the embedded small Llama when no model is named;
+    3. data: hub dataset, local JSON/JSONL, or the embedded text, tokenized (and packed) to max_seq_length;
+    4. trainer: BatchRampTrainer with the batch ramp and LR policy, plus every configured callback;
+    5. train, evaluate, save; returns the trainer.
+    """
+    return finetune(parse_args(argv))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as error:
+        print(f"finetune.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,176 @@
+"""The bundled recipe: every shipped config validates, CPU-capable configs train two steps, errors are one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_batchsched.errors import ConfigError
+from hf_batchsched.recipe import finetune, load_config_file, parse_args, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
+GPU_ONLY = {"llama8b_qlora.yaml"}  # bitsandbytes 4-bit needs CUDA; covered by the one-line-error test below
+
+
+@pytest.fixture(scope="module")
+def tiny_local(tmp_path_factory):
+    """A tiny Llama + BPE tokenizer saved to disk (a stand-in for a hub model) and a local JSONL file."""
+    from hf_batchsched.demo import demo_tokenizer
+    from hf_batchsched.testing import tiny_llama
+
+    root = tmp_path_factory.mktemp("tiny")
+    words = "the batch grows while the learning rate stays and the loss falls on every step of training".split()
+    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12 + i % 9)) for i in range(400)]
+    tokenizer = demo_tokenizer(texts, vocab_size=300, directory=root / "cache")
+    model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=64, attn_implementation="sdpa")
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rows = [{"text": t, "instruction": t[:20], "output": t[20:]} for t in texts]
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root
+
+
+def tiny_overrides(root: Path, output_dir: Path) -> dict:
+    return {
+        "model_name_or_path": str(root / "model"),
+        "dtype": "float32",
+        "dataset_name": None,
+        "data_files": [str(root / "data.jsonl")],
+        "max_seq_length": 32,
+        "bf16": False,
+        "use_cpu": True,
+        "max_steps": 2,
+        "logging_steps": 1,
+        "eval_strategy": "no",
+        "save_strategy": "no",
+        "report_to": "none",
+        "output_dir": str(output_dir),
+        "disable_tqdm": True,
+    }
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_loads_and_validates(path):
+    text = path.read_text()
+    assert text.startswith("#") and "--config recipes/configs/" + path.name in text.split("\n\n")[0], (
+        "each config starts with its exact launch command"
+    )
+    config = load_config_file(path)
+    # use_cpu: the GPU configs ask for bf16, which TrainingArguments only accepts here on the CPU.
+    args = parse_config({**config, "use_cpu": True}, check_device=False)
+    assert args.peft.peft == config["peft"]
+    assert args.schedule.batch_schedule == config.get("batch_schedule")
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name not in GPU_ONLY], ids=lambda p: p.name)
+def test_cpu_config_runs_two_optimizer_steps(path, tiny_local, tmp_path):
+    config = {**load_config_file(path), **tiny_overrides(tiny_local, tmp_path)}
+    trainer = finetune(parse_config(config))
+    assert trainer.state.global_step == 2
+    assert type(trainer).__name__ == "BatchRampTrainer"
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses and all(loss == loss for loss in losses)  # finite, not NaN
+    if config.get("peft") == "lora":
+        assert any("lora_" in name for name, _ in trainer.model.named_parameters())
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"lerning_rate": 1e-4}, "unknown config key 'lerning_rate' (did you mean 'learning_rate'?)"),
+        ({"learning_rate": "fast"}, "config key 'learning_rate': expected float"),
+        ({"max_steps": 1.5}, "config key 'max_steps': expected an integer"),
+        ({"peft": "dora"}, "unknown peft method (config key 'peft') 'dora'"),
+        ({"lora_r": 0}, "config key 'lora_r' must be > 0"),
+        ({"batch_schedule": {"name": "geometric", "start": 8}}, "config key 'batch_schedule'"),
+        ({"lr_policy": {"name": "cosin"}}, "config key 'lr_policy': unknown LR policy 'cosin'"),
+        ({"stability": {"every_steps": 3}}, "config section 'stability' got unknown key(s) every_steps"),
+        ({"sharpness": {"evry_n_steps": 3}}, "config key 'sharpness': option(s) evry_n_steps"),
+        ({"prompt_field": "q"}, "'prompt_field' and 'response_field' go together"),
+    ],
+)
+def test_bad_config_names_the_key(config, message):
+    with pytest.raises(ConfigError) as error:
+        parse_config(config)
+    assert message in str(error.value)
+
+
+def test_yaml_plus_command_line_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 1e-3\npeft: lora\nsharpness:\n  every_n_steps: 7\nreport_to: none\n")
+    args = parse_args(["--config", str(path), "--learning_rate", "2e-4", "--lora_r", "4",
+                       "--batch_schedule", '{"name": "constant", "size": 16}'])  # fmt: skip
+    assert args.training.learning_rate == 2e-4  # the command line wins over the YAML
+    assert args.peft.lora_r == 4 and args.peft.peft == "lora"
+    assert args.callbacks.sharpness == {"every_n_steps": 7}
+    assert args.schedule.batch_schedule == {"name": "constant", "size": 16}
+    with pytest.raises(ConfigError, match="unknown command-line option"):
+        parse_args(["--config", str(path), "--no_such_flag", "1"])
+
+
+def test_prompt_response_data_masks_the_prompt(tiny_local, tmp_path):
+    from hf_batchsched.recipe import load_data, load_model_and_tokenizer
+
+    config = {**tiny_overrides(tiny_local, tmp_path), "prompt_field": "instruction", "response_field": "output",
+              "peft": "none"}  # fmt: skip
+    args = parse_config(config)
+    _, tokenizer = load_model_and_tokenizer(args)
+    train, held_out = load_data(args, tokenizer)
+    row = train[0]
+    masked = [label == -100 for label in row["labels"]]
+    assert masked[0] and not masked[-1], "prompt tokens carry no loss, response tokens do"
+    assert len(row["labels"]) == len(row["input_ids"]) <= 32
+    assert held_out is not None and len(held_out) == round(0.05 * 400)
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("entry", ["script", "command"])
+def test_qlora_on_cpu_is_one_line_exit_2(entry):
+    config = "recipes/configs/llama8b_qlora.yaml"
+    if entry == "script":
+        result = _run([sys.executable, "recipes/finetune.py", "--config", config])
+    else:
+        result = _run([sys.executable, "-m", "hf_batchsched.cli", "finetune", "--config", config])
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "qlora needs a CUDA GPU" in lines[0]
+
+
+def test_readme_snippet_runs(tmp_path, monkeypatch):
+    """The "add it to your existing Trainer" snippet of docs/readme/recipes.md runs as written."""
+    text = (ROOT / "docs" / "readme" / "recipes.md").read_text()
+    snippet = re.search(r"<!-- snippet: existing-trainer -->\s*```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, "recipes.md", "exec"), namespace)
+    trainer = namespace["trainer"]
+    sizes = [e["batchsched/batch_size"] for e in trainer.state.log_history if "batchsched/batch_size" in e]
+    assert sizes[0] == 8 and sizes[-1] == 32, "the snippet's ramp grows the batch from 8 to 32"
+    assert any("sharpness/avg" in e for e in trainer.state.log_history)
+
+
+def test_finetune_command_takes_config_overrides(tiny_local, tmp_path, capsys):
+    from hf_batchsched.cli import main
+
+    argv = ["finetune", "--config", str(ROOT / "recipes" / "configs" / "demo_cpu.yaml")]
+    for key, value in tiny_overrides(tiny_local, tmp_path).items():
+        if key in ("dataset_name", "bf16"):
+            continue
+        argv += [f"--{key}", *(value if isinstance(value, list) else [str(value)])]
+    assert main([*argv, "--max_steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "***** final metrics *****" in out and "train_loss" in out
+    assert main([*argv, "--lerning_rate", "1"]) == 2
+    assert "unknown command-line option(s): --lerning_rate 1" in capsys.readouterr().err
