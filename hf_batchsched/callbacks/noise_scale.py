@@ -1,0 +1,303 @@
+"""``NoiseScaleCallback``: McCandlish et al.'s gradient noise scale, measured for free inside chunked steps.
+
+``BatchRampTrainer`` runs every optimizer step as micro-chunks of at most ``max_micro_batch_size`` samples per rank.
+The callback registers a step hook (``trainer.add_step_hook``) and, on measured steps:
+
+- after the **first** chunk's backward, reads ``|g|²`` of the gradients (still this rank's chunk-1 gradient: only
+  the last chunk synchronises under DDP), in place, no copy; rescaled by the trainer's loss weight of that chunk
+  (``(world · n_chunk / n_step)``, see below) it is ``|G_Bs|²`` with ``Bs`` = the first chunk's samples on one rank;
+- after the **last** chunk, reads ``|G_Bb|²`` of the step's (all-reduced) gradient, ``Bb`` = the global step batch;
+- divides both by the fp16 loss scale squared when a ``GradScaler`` is active (overflowed steps are skipped);
+- averages the per-rank ``|G_Bs|²`` over ranks (one 2-float all-reduce, on every rank), feeds
+  ``GradientNoiseScale`` (bias-corrected EMAs of ``|G|²`` and ``tr(Σ)``), and, with an ``AdaptiveBatchSchedule`` as
+  the trainer's ``batch_schedule``, lets the schedule decide whether to grow the batch.
+
+Loss weighting: the trainer weights a chunk's mean loss by ``world · n_chunk / n_step`` (per-sample normalisation;
+DDP then averages ranks), so the chunk-1 gradient divided by that weight is the mean gradient of its samples. With
+token-level normalisation (causal LM, ``num_items_in_batch``) the weight is ``world · tokens_chunk / tokens_step``;
+the callback uses the sample ratio, which is exact when every sequence has the same number of label tokens (packed
+or fixed-length data) and otherwise adds a small length-dependent noise to ``|G_Bs|²``.
+
+Steps with a single micro-chunk per rank have no second batch size and are skipped (counted in
+``skipped_steps``); a configuration where no step can have two chunks is refused at construction.
+
+Metrics (through ``trainer.log`` at the Trainer's logging cadence, so they reach every ``report_to`` integration):
+
+| name | meaning |
+|---|---|
+| ``batchsched/noise_scale`` | ``B_simple = tr(Σ)/|G|²``, a global batch in samples (``inf`` while ``|G|² <= 0``) |
+| ``batchsched/grad_sq_norm`` | EMA of ``|G|²``, the squared norm of the true (full-data) gradient |
+| ``batchsched/trace_sigma`` | EMA of ``tr(Σ)``, the per-sample gradient variance |
+| ``batchsched/adaptive_batch_size`` | the adaptive schedule's current target size (adaptive only) |
+| ``batchsched/adaptive_events`` | number of batch-size changes so far (adaptive only; also logged at each change) |
+| ``batchsched/lr_scale`` | LR multiplier applied for the batch growth (adaptive with ``lr_scaling`` only) |
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from ..errors import ConfigError, check_positive
+from ..probes.noise_scale import GradientNoiseScale, grad_sq_norm
+from ..schedules.adaptive import AdaptiveBatchSchedule
+
+__all__ = ["NoiseScaleCallback"]
+
+logger = logging.getLogger(__name__)
+
+
+def _max_global_batch(schedule) -> int | None:
+    """The largest global batch a schedule can ask for, when it says (``max_size`` or a constant's size)."""
+    for attribute in ("max_size", "batch_size"):
+        value = getattr(schedule, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+class NoiseScaleCallback(TrainerCallback):
+    """Measure the gradient noise scale every ``every_n_steps`` optimizer steps of a ``BatchRampTrainer``.
+
+    Args:
+        trainer (`BatchRampTrainer`): the trainer (any ``Trainer`` with ``BatchRampMixin``); the callback registers
+            its step hook on it. Add the callback with ``trainer.add_callback(callback)``.
+        beta (`float`, *optional*): EMA decay of the estimator. Defaults to `0.99`, or to the adaptive schedule's
+            estimator when the trainer's ``batch_schedule`` is an ``AdaptiveBatchSchedule`` (which owns it; a
+            different ``beta`` then raises).
+        every_n_steps (`int`, *optional*, defaults to `1`): measure on optimizer steps ``0, n, 2n, ...``. The cost
+            is two in-place norm reductions over the gradients and one 2-float all-reduce per measured step.
+
+    The estimator and (adaptive) schedule state are stored in ``TrainerState.stateful_callbacks`` under
+    ``"hf_batchsched.NoiseScaleCallback"``, so they travel with every checkpoint and are restored on
+    ``train(resume_from_checkpoint=...)``. Supported: single process and DDP; FSDP and DeepSpeed shard gradients and
+    are refused.
+
+    Example:
+
+    ```python
+    trainer = BatchRampTrainer(model=model, args=args, train_dataset=data, batch_schedule=64, max_micro_batch_size=8)
+    trainer.add_callback(NoiseScaleCallback(trainer, beta=0.95))
+    trainer.train()  # logs batchsched/noise_scale, batchsched/grad_sq_norm, batchsched/trace_sigma
+    ```
+    """
+
+    STATE_KEY = "hf_batchsched.NoiseScaleCallback"
+
+    def __init__(self, trainer: Any, beta: float | None = None, every_n_steps: int = 1):
+        if not hasattr(trainer, "add_step_hook"):
+            raise ConfigError(
+                f"NoiseScaleCallback needs a BatchRampTrainer (or a Trainer with BatchRampMixin), got "
+                f"{type(trainer).__name__}: it measures the gradient of one micro-chunk inside each step"
+            )
+        check_positive("every_n_steps", every_n_steps)
+        if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
+            raise ConfigError(
+                "NoiseScaleCallback reads full per-rank gradients; FSDP and DeepSpeed shard them. Use DDP, or measure "
+                "offline with hf_batchsched.probes.noise_scale.estimate_noise_scale"
+            )
+        self.trainer = trainer
+        self.every_n_steps = int(every_n_steps)
+        schedule = getattr(trainer, "batch_schedule", None)
+        self.schedule = schedule if isinstance(schedule, AdaptiveBatchSchedule) else None
+        if self.schedule is not None:
+            multiple = getattr(trainer, "batch_size_multiple", None) or (
+                trainer.max_micro_batch_size * trainer.args.world_size
+            )
+            if self.schedule.min_size % multiple:
+                raise ConfigError(
+                    f"AdaptiveBatchSchedule(min_size={self.schedule.min_size}) is not a multiple of the trainer's "
+                    f"batch_size_multiple (default max_micro_batch_size * world_size) = {multiple}; the sampler would "
+                    "round the grown sizes. Pick min_size as a multiple of it"
+                )
+            if beta is not None and float(beta) != self.schedule.estimator.beta:
+                raise ConfigError(
+                    f"beta={beta} differs from the adaptive schedule's estimator "
+                    f"(beta={self.schedule.estimator.beta}); the schedule owns the estimator: set beta on "
+                    "AdaptiveBatchSchedule and omit it here"
+                )
+            self.estimator = self.schedule.estimator
+        else:
+            self.estimator = GradientNoiseScale(beta=0.99 if beta is None else beta)
+        self._check_two_chunks_possible()
+        self.skipped_steps = 0
+        self._attached = False
+        self._small: torch.Tensor | None = None
+        self._small_samples = 0
+        self._lr_restore: list[float] | None = None
+        self._new_event = False
+        self._param_list: list[torch.Tensor] | None = None
+        trainer.add_step_hook(self)
+
+    def _check_two_chunks_possible(self) -> None:
+        trainer = self.trainer
+        world_size = trainer.args.world_size
+        micro = trainer.max_micro_batch_size
+        if self.schedule is not None:  # it only grows once measured: the first size must already have two chunks
+            largest, which = self.schedule.min_size, "the adaptive schedule's min_size"
+        else:
+            largest, which = _max_global_batch(getattr(trainer, "batch_schedule", None)), "the largest global batch"
+        if largest is not None and largest // world_size <= micro:
+            raise ConfigError(
+                f"NoiseScaleCallback needs at least two micro-chunks per step, but {which} {largest} "
+                f"over {world_size} rank(s) is {largest // world_size} samples per rank, one chunk of "
+                f"max_micro_batch_size={micro}. Set max_micro_batch_size to at most "
+                f"{max(1, largest // world_size // 2)} or use a larger batch"
+            )
+
+    # ---- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Estimator (or adaptive schedule, which holds the estimator) state and the skip counter."""
+        state = {"skipped_steps": self.skipped_steps}
+        if self.schedule is not None:
+            state["schedule"] = self.schedule.state_dict()
+        else:
+            state["estimator"] = self.estimator.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped_steps = int(state["skipped_steps"])
+        if self.schedule is not None:
+            if "schedule" not in state:
+                raise ConfigError(
+                    "the checkpoint's NoiseScaleCallback state has no adaptive-schedule state; resume with the "
+                    "batch_schedule the checkpoint was trained with"
+                )
+            self.schedule.load_state_dict(state["schedule"])
+        else:
+            if "estimator" not in state:
+                raise ConfigError(
+                    "the checkpoint's NoiseScaleCallback state comes from an adaptive-schedule run; resume with its "
+                    "AdaptiveBatchSchedule as batch_schedule"
+                )
+            self.estimator.load_state_dict(state["estimator"])
+
+    def _save(self, state) -> None:
+        if state.stateful_callbacks is None:
+            state.stateful_callbacks = {}
+        state.stateful_callbacks[self.STATE_KEY] = self.state_dict()
+
+    # ---- step hooks (every rank) ----------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """The optimizer step being run (completed steps so far)."""
+        return self.trainer.state.global_step
+
+    def _measuring(self) -> bool:
+        return self.trainer.state.global_step % self.every_n_steps == 0
+
+    def _params(self) -> list[torch.Tensor]:
+        # Listed once per train() (walking the module tree costs about as much as the norms themselves).
+        if self._param_list is None:
+            self._param_list = [p for p in self.trainer.model.parameters() if p.requires_grad]
+        return self._param_list
+
+    def on_micro_chunk_end(self, trainer, chunk_index: int, num_chunks: int, chunk_num_samples: int) -> None:
+        if not self._attached:
+            raise ConfigError(
+                "NoiseScaleCallback registered its step hook but was not added as a callback; call "
+                "trainer.add_callback(callback) so it can log and save its state"
+            )
+        if chunk_index == 0 and num_chunks > 1 and self._measuring():
+            # Only chunk 1 has been accumulated: .grad is (this rank's) chunk-1 gradient times its loss weight.
+            self._small = grad_sq_norm(self._params())
+            self._small_samples = int(chunk_num_samples)
+
+    def on_step_batch_end(self, trainer, step_num_samples: int) -> None:
+        if not self._measuring():
+            return
+        small, self._small = self._small, None
+        if small is None:  # one chunk per rank (the same on every rank): no second batch size
+            self.skipped_steps += 1
+            if self.skipped_steps == 1:
+                logger.warning(
+                    "NoiseScaleCallback: a step of %d samples fits in one micro-chunk per rank; such steps are not "
+                    "measured (see NoiseScaleCallback.skipped_steps)",
+                    step_num_samples,
+                )
+            return
+        world_size = trainer.accelerator.num_processes
+        weight = world_size * self._small_samples / step_num_samples
+        big = grad_sq_norm(self._params())
+        norms = torch.stack([small.to(big.device, big.dtype) / weight**2, big])
+        if world_size > 1:  # every rank: mean of the per-rank small norms; the big one is identical on all ranks
+            norms = trainer.accelerator.reduce(norms, reduction="mean")
+        sq_small, sq_big = (float(value) for value in norms.tolist())
+        scaler = getattr(trainer.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():  # fp16: .grad holds loss-scaled gradients until unscale_
+            loss_scale = float(scaler.get_scale())
+            sq_small, sq_big = sq_small / loss_scale**2, sq_big / loss_scale**2
+        if not (math.isfinite(sq_small) and math.isfinite(sq_big)):
+            self.skipped_steps += 1
+            logger.warning("NoiseScaleCallback: non-finite gradient norm at step %d, skipped", self.step)
+            return
+        self.estimator.update(sq_small, sq_big, self._small_samples, step_num_samples)
+        if self.schedule is not None:
+            # The change applies to batches the sampler has not drawn yet: with DataLoader workers, that is after
+            # the num_workers * prefetch_factor batches already requested.
+            args = trainer.args
+            prefetched = args.dataloader_num_workers * (args.dataloader_prefetch_factor or 2)
+            event = self.schedule.observe(
+                consumed=trainer.clock.consumed_samples,
+                prefetched_batches=prefetched,
+                step=trainer.state.global_step,
+            )
+            self._new_event = self._new_event or event is not None
+
+    # ---- Trainer callbacks ----------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._attached = True
+        self._param_list = None
+        saved = (state.stateful_callbacks or {}).get(self.STATE_KEY)
+        if saved is not None and state.global_step > 0:
+            self.load_state_dict(saved)
+        elif state.global_step == 0:  # a fresh run starts a fresh estimate
+            if self.schedule is not None:
+                self.schedule.reset()
+            else:
+                self.estimator.reset()
+            self.skipped_steps = 0
+        self._save(state)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        """Scale every group's LR by the adaptive schedule's ``lr_scale_at`` for this step's batch (restored after)."""
+        if self.schedule is None or self.schedule.lr_scaling is None:
+            return
+        optimizer = self.trainer.optimizer
+        batch_start = self.trainer.clock.consumed_samples - (self.trainer.last_batch_size or 0)
+        scale = self.schedule.lr_scale_at(batch_start)
+        self._lr_restore = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * scale
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self._lr_restore is not None:
+            for group, lr in zip(self.trainer.optimizer.param_groups, self._lr_restore):
+                group["lr"] = lr
+            self._lr_restore = None
+
+    def metrics(self) -> dict[str, float]:
+        """The values ``NoiseScaleCallback`` logs (see the module docstring's table)."""
+        logs = {
+            "batchsched/noise_scale": self.estimator.noise_scale,
+            "batchsched/grad_sq_norm": self.estimator.grad_sq_norm,
+            "batchsched/trace_sigma": self.estimator.trace_sigma,
+        }
+        if self.schedule is not None:
+            logs["batchsched/adaptive_batch_size"] = self.schedule.current_size
+            logs["batchsched/adaptive_events"] = len(self.schedule.events)
+            if self.schedule.lr_scaling is not None:
+                logs["batchsched/lr_scale"] = self.schedule.lr_scale
+        return logs
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._save(state)
+        if self._new_event or (control.should_log and self.estimator.num_updates):
+            self._new_event = False
+            should_log = control.should_log  # Trainer.log -> on_log clears it; the Trainer's own log must still run
+            self.trainer.log(self.metrics())
+            control.should_log = should_log
