@@ -45,13 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in _available_commands().items():
         sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
-        sub.set_defaults(_run=module.run)
+        sub.set_defaults(_run=module.run, _passes_unknown=getattr(module, "PASSES_UNKNOWN_ARGS", False))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # A command with PASSES_UNKNOWN_ARGS = True (e.g. finetune: config overrides) gets the unknown args as args.extra.
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "_passes_unknown", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as error:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_llama", "tiny_llama_config", "synthetic_lm_dataset"]
+__all__ = ["tiny_llama", "tiny_llama_config", "synthetic_lm_dataset", "tiny_resnet", "digits_image_dataset"]
 
 
 def tiny_llama_config(
@@ -82,3 +82,47 @@ def synthetic_lm_dataset(
         rows["attention_mask"].append([1] * length)
         rows["labels"].append(list(ids))
     return Dataset.from_dict(rows)
+
+
+def tiny_resnet(seed: int = 0, **config_kwargs):
+    """A freshly initialised ``ResNetForImageClassification`` (BatchNorm2d layers) for 1-channel 10-class images.
+
+    Defaults: two stages of one basic block each (8 and 16 channels), about 5k parameters, six ``BatchNorm2d``.
+    """
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    defaults = dict(
+        num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=10
+    )
+    defaults.update(config_kwargs)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = ResNetForImageClassification(ResNetConfig(**defaults))
+    return model
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor):
+        self.pixel_values, self.labels = pixel_values, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
+
+
+def digits_image_dataset(num_samples: int | None = None, image_size: int = 16, offset: int = 0):
+    """scikit-learn's 8x8 digits as a map-style dataset of ``{"pixel_values": (1, S, S), "labels": int}`` rows.
+
+    Pixels are scaled to [0, 1] and upsampled (nearest) from 8x8 to ``image_size`` (a multiple of 8). Rows
+    ``offset : offset + num_samples`` of the 1797 images are used.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    end = None if num_samples is None else offset + num_samples
+    images = torch.tensor(digits.images[offset:end], dtype=torch.float32) / 16.0
+    factor = image_size // 8
+    images = images.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2).unsqueeze(1)
+    return _ImageDataset(images, torch.tensor(digits.target[offset:end], dtype=torch.long))

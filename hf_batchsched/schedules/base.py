@@ -97,9 +97,7 @@ class Registry:
         factory = self.get(name)
         signature = inspect.signature(factory)
         accepted = {
-            p.name
-            for p in signature.parameters.values()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            p.name for p in signature.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         }
         takes_var_kwargs = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
         unknown = sorted(set(kwargs) - accepted)
