@@ -69,6 +69,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -79,30 +80,54 @@ from .clock import TrainingClock
 from .data.sampler import RampBatchSampler, as_batch_schedule
 from .errors import ConfigError, check_positive
 from .schedules.base import Policy
+from .schedules.noise import sgd_noise
 
-__all__ = ["BatchRampMixin", "BatchRampTrainer", "RAMP_STATE_NAME", "sgd_noise_scale", "split_micro_chunks"]
+__all__ = ["BatchRampMixin", "BatchRampTrainer", "RAMP_STATE_NAME", "count_batch", "split_micro_chunks"]
 
 logger = logging.getLogger(__name__)
 
 RAMP_STATE_NAME = "batchsched_state.json"
 
-
-def sgd_noise_scale(lr: float, dataset_size: int, batch_size: int, momentum: float = 0.0) -> float:
-    """Smith et al.'s SGD noise scale ``g = lr * (N / B - 1) / (1 - m)``.
-
-    >>> round(sgd_noise_scale(0.1, 50_000, 128, momentum=0.9), 6)
-    389.625
-    """
-    if not 0 <= momentum < 1:
-        raise ConfigError(f"momentum must be in [0, 1), got {momentum}")
-    return lr * (dataset_size / batch_size - 1) / (1 - momentum)
+#: Kept for code written against the first release: ``hf_batchsched.schedules.noise.sgd_noise`` is the one
+#: implementation of Smith et al.'s noise scale.
+sgd_noise_scale = sgd_noise
 
 
-def _batch_len(inputs: dict) -> int:
-    for value in inputs.values():
+# Per-example inputs of common model families, tried first when looking for the batch dimension (a collator may
+# add tensors that are not per-example, such as a shared 1-D ``position_ids``); any other tensor is the fallback.
+_PER_EXAMPLE_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "input_features", "input_values")
+
+
+def _batch_len(inputs: Mapping) -> int:
+    candidates = [inputs.get(key) for key in _PER_EXAMPLE_KEYS] + list(inputs.values())
+    for value in candidates:
         if torch.is_tensor(value) and value.dim() > 0:
             return value.shape[0]
-    raise ConfigError("cannot find the batch dimension: the collated batch has no tensor")
+    raise ConfigError(
+        f"cannot find the batch dimension: the collated batch (keys {sorted(inputs)}) has no tensor; the data "
+        "collator must return tensors"
+    )
+
+
+def count_batch(inputs: Mapping) -> tuple[int, int]:
+    """Examples and non-pad tokens in a collated batch: ``(num_examples, num_tokens)``.
+
+    Examples are the batch dimension (dim 0) of the batch's tensors, whatever the modality (``input_ids``,
+    ``labels``, ``pixel_values``, ...). Tokens are the sum of a 2-D ``attention_mask``, else the size of
+    ``input_ids``, else 0: image or audio batches have no tokens, and the clock's token count does not move.
+
+    >>> count_batch({"input_ids": torch.ones(2, 3), "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])})
+    (2, 3)
+    >>> count_batch({"pixel_values": torch.zeros(4, 1, 8, 8), "labels": torch.arange(4)})
+    (4, 0)
+    """
+    num_examples = _batch_len(inputs)
+    mask, input_ids = inputs.get("attention_mask"), inputs.get("input_ids")
+    if torch.is_tensor(mask) and mask.dim() == 2:
+        return num_examples, int(mask.sum())
+    if torch.is_tensor(input_ids):
+        return num_examples, int(input_ids.numel())
+    return num_examples, 0
 
 
 def split_micro_chunks(inputs: dict, max_micro_batch_size: int) -> list[dict]:
@@ -435,9 +460,7 @@ class BatchRampMixin:
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Forward/backward the step batch in micro-chunks; only the last chunk synchronises gradients."""
         chunks = split_micro_chunks(inputs, self.max_micro_batch_size)
-        mask = inputs.get("attention_mask")
-        local_tokens = int(mask.sum()) if torch.is_tensor(mask) else int(inputs["input_ids"].numel())
-        step_samples, step_tokens = _batch_len(inputs), local_tokens
+        step_samples, step_tokens = count_batch(inputs)
         world_size = self.accelerator.num_processes
         if world_size > 1:  # the collated batch is still on the CPU; one small all-reduce per step
             counts = torch.tensor([step_samples, step_tokens], dtype=torch.long, device=self.args.device)

@@ -240,6 +240,7 @@ def train_classifier(
     lr_policy=None,
     optimizer: str = "sgd",
     momentum: float = 0.9,
+    weight_decay: float = 0.0,
     max_micro_batch_size: int = 64,
     batch_size_multiple: int | None = None,
     eval_every: float | None = 1.0,
@@ -271,9 +272,9 @@ def train_classifier(
 
     check_choice("optimizer", optimizer, ("sgd", "adam"))
     if optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+        opt = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum, weight_decay=weight_decay)
     else:
-        opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
+        opt = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     history: list[dict] = []
     trainer_ref: dict = {}
     callbacks = [] if eval_every is None else [_eval_callback(trainer_ref, task, eval_every, history)]
@@ -347,6 +348,7 @@ class SmithConfig:
     factor: float = 5.0
     learning_rate: float = 0.05
     momentum: float = 0.9
+    weight_decay: float = 0.0
     base_batch_size: int = 16
     max_micro_batch_size: int = 80
     temperature: float = 1.0
@@ -427,6 +429,7 @@ def reproduce_smith(output_dir: str | os.PathLike, config: SmithConfig | None = 
             epochs=config.epochs,
             learning_rate=config.learning_rate,
             momentum=config.momentum,
+            weight_decay=config.weight_decay,
             max_micro_batch_size=config.max_micro_batch_size,
             batch_size_multiple=multiple,
             eval_every=config.eval_every,
