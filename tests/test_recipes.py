@@ -149,12 +149,12 @@ def test_qlora_on_cpu_is_one_line_exit_2(entry):
 
 
 def test_readme_snippet_runs(tmp_path, monkeypatch):
-    """The "add it to your existing Trainer" snippet of docs/readme/recipes.md runs as written."""
-    text = (ROOT / "docs" / "readme" / "recipes.md").read_text()
+    """The "add it to your existing Trainer" snippet of README.md runs as written."""
+    text = (ROOT / "README.md").read_text()
     snippet = re.search(r"<!-- snippet: existing-trainer -->\s*```python\n(.*?)```", text, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(snippet, "recipes.md", "exec"), namespace)
+    exec(compile(snippet, "README.md", "exec"), namespace)
     trainer = namespace["trainer"]
     sizes = [e["batchsched/batch_size"] for e in trainer.state.log_history if "batchsched/batch_size" in e]
     assert sizes[0] == 8 and sizes[-1] == 32, "the snippet's ramp grows the batch from 8 to 32"
