@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 __all__ = ["main", "COMMANDS"]
@@ -35,8 +36,15 @@ def _available_commands() -> dict:
     return modules
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (``prog: error: ...``, exit code 2), no usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="hf-batchsched",
         description="Batch-size ramps, LR policies, sharpness probes and stability statistics for the HF Trainer.",
     )
@@ -49,7 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OptionalKernelNotice(logging.Filter):
+    """Drops bitsandbytes' notice that the optional ``kernels`` package is absent on AVX512-BF16 CPUs.
+
+    It is printed on import (peft imports bitsandbytes), whatever the command, and its fallback is used silently
+    anyway; every other bitsandbytes message passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "from kernels-community" not in str(record.msg)
+
+
 def main(argv: list[str] | None = None) -> int:
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNotice())
     parser = build_parser()
     # A command with PASSES_UNKNOWN_ARGS = True (e.g. finetune: config overrides) gets the unknown args as args.extra.
     args, extra = parser.parse_known_args(argv)

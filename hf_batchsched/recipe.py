@@ -361,6 +361,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RecipeArguments:
 
     given = _given_options(rest)
     parser = HfArgumentParser(_dataclass_types())
+    parser.error = _raise_config_error  # one line and exit code 2 from the CLI, instead of argparse's usage dump
     parser.set_defaults(**{key: _coerce(key, value, types_by_name[key]) for key, value in config.items()})
     *parsed, remaining = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
     if remaining:
@@ -371,6 +372,10 @@ def parse_args(argv: Sequence[str] | None = None) -> RecipeArguments:
             if item.init and (item.name in config or {item.name, f"no_{item.name}"} & given):
                 merged[item.name] = getattr(obj, item.name)
     return parse_config(merged)
+
+
+def _raise_config_error(message: str) -> None:
+    raise ConfigError(f"{message} (see --help)")
 
 
 def _given_options(argv: Sequence[str]) -> set[str]:

@@ -26,3 +26,36 @@ def test_console_script_bad_subcommand_exits_2():
     )
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"a usage error must be one line, got: {result.stderr!r}"
+
+
+BAD_INPUTS = [
+    (["plot", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    (["plot", "--batch", "0:32 1M:0", "--samples", "2M", "--no-png"], "must be a positive integer"),
+    (["plot", "--batch", "0:32", "--no-png"], "give the run's length"),
+    (["demo", "--max-steps", "-3"], "--max-steps must be a positive"),
+    (["demo", "--max-steps", "two"], "invalid int value: 'two'"),
+    (["lrbench", "--config", "/nonexistent/lrbench.yaml"], "does not exist"),
+    (["range-test", "--start-lr", "-1"], "0 < start_lr < end_lr"),
+    (["reproduce", "no-such-paper"], "unknown experiment 'no-such-paper'"),
+    (["finetune", "--config", "recipes/configs/demo_cpu.yaml", "--learning_rate", "abc"], "invalid float value"),
+    (["finetune", "--config", "recipes/configs/demo_cpu.yaml", "--lerning_rate", "1"], "--lerning_rate"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", BAD_INPUTS, ids=[" ".join(a[:2]) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_code_2(argv, expected, capsys, monkeypatch):
+    import pathlib
+
+    monkeypatch.chdir(pathlib.Path(__file__).resolve().parents[1])
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:  # argparse's own errors exit from inside parse_args
+        code = exit_info.code
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert code == 2
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert expected in lines[0]
+    assert "Traceback" not in captured.out
