@@ -221,10 +221,11 @@ def lr_range_test(
     Returns:
         `RangeTestResult`: the curve and the suggestion; ``result.plot(path)`` draws it.
 
-    Example:
+    Example::
 
-    >>> result = lr_range_test(trainer, num_steps=50)  # doctest: +SKIP
-    >>> result.suggestion, result.plot("lr_range.png")  # doctest: +SKIP
+        result = lr_range_test(trainer, num_steps=50)
+        print(result.suggestion)
+        result.plot("lr_range.png")
     """
     lrs = range_test_lrs(start_lr, end_lr, num_steps, mode)
     if not 0 < smooth <= 1:
