@@ -9,9 +9,12 @@ training clock (consumed samples or tokens) and is realised as **accumulation at
 - ``training_step`` splits it into micro-chunks of at most ``max_micro_batch_size`` samples, trims each chunk's
   padding (columns where the whole chunk's ``attention_mask`` is 0), and runs forward/backward per chunk; under
   DDP only the last chunk synchronises gradients (``accelerator.no_sync``);
-- the loss is normalised over the whole step batch: token-level for causal-LM labels through the Trainer's own
-  ``num_items_in_batch`` (counted over all chunks and all ranks, labels shifted like the model's loss),
-  per-sample otherwise; so a step of B samples in k chunks gives the update of one chunk of B;
+- the loss is normalised over the whole step batch: token-level for per-token (integer, 2-D) labels through the
+  Trainer's own ``num_items_in_batch`` (counted over all chunks and all ranks, labels shifted like the model's
+  loss), per-example otherwise (image/sequence classification, regression: each chunk's mean loss weighted by its
+  share of the step); so a step of B samples in k chunks gives the update of one chunk of B. Batches of any
+  modality work: examples are counted from the batch dimension of any tensor, tokens only where the batch has
+  ``attention_mask``/``input_ids`` (``count_batch``);
 - ``num_train_epochs`` counts passes over the data; the number of optimizer steps (and the default LR
   scheduler's horizon) comes from simulating the ramp (``RampBatchSampler.plan``); ``max_steps`` still caps;
   ``state.epoch`` reports passes over the data; ``eval_strategy``/``save_strategy``/``logging_strategy`` of
@@ -41,7 +44,7 @@ Metrics (added to every training log, so they reach every ``report_to`` integrat
 |---|---|
 | ``batchsched/batch_size`` | global batch size of the last optimizer step |
 | ``batchsched/samples_seen`` | consumed samples (all ranks) |
-| ``batchsched/tokens_seen`` | consumed non-pad tokens (all ranks) |
+| ``batchsched/tokens_seen`` | consumed non-pad tokens (all ranks); omitted when the batches carry no tokens (images) |
 | ``batchsched/micro_chunks`` | micro-chunks per rank in the last step |
 | ``batchsched/sgd_noise`` | Smith et al.'s noise scale g = lr (N/B - 1) / (1 - m) (m: momentum or Adam beta1) |
 
@@ -128,6 +131,14 @@ def count_batch(inputs: Mapping) -> tuple[int, int]:
     if torch.is_tensor(input_ids):
         return num_examples, int(input_ids.numel())
     return num_examples, 0
+
+
+def _per_token_labels(inputs: Mapping) -> bool:
+    """Whether the loss is token-level: integer labels with a sequence dimension (LM, token classification)."""
+    if torch.is_tensor(inputs.get("shift_labels")):
+        return True
+    labels = inputs.get("labels")
+    return torch.is_tensor(labels) and labels.dim() >= 2 and not labels.is_floating_point()
 
 
 def split_micro_chunks(inputs: dict, max_micro_batch_size: int) -> list[dict]:
@@ -465,10 +476,21 @@ class BatchRampMixin:
         if world_size > 1:  # the collated batch is still on the CPU; one small all-reduce per step
             counts = torch.tensor([step_samples, step_tokens], dtype=torch.long, device=self.args.device)
             step_samples, step_tokens = (int(value) for value in self.accelerator.reduce(counts, "sum").tolist())
+        if not step_tokens and self.lr_policy is not None and self.lr_policy.unit == "tokens":
+            raise ConfigError(
+                f"lr_policy {self.lr_policy.name!r} counts tokens, but the training batches have no attention_mask "
+                "or input_ids to count them (e.g. image batches); build the policy on unit='samples' or 'fraction'"
+            )
+        if num_items_in_batch is not None and self.compute_loss_func is None and not _per_token_labels(inputs):
+            # Items are examples here: per-example weighting (below) is the same normalisation, and it does not rely
+            # on the model's forward honouring num_items_in_batch. Image classifiers such as
+            # ResNetForImageClassification take **kwargs (so the Trainer passes it) but return a plain chunk mean,
+            # which would make k chunks sum k means.
+            num_items_in_batch = None
         total_loss = None
         for index, chunk in enumerate(chunks):
             chunk_samples = _batch_len(chunk)
-            # Per-sample normalisation (used by the Trainer when the loss is not normalised by num_items_in_batch):
+            # Per-example normalisation (used by the Trainer when the loss is not normalised by num_items_in_batch):
             # each chunk's mean loss is weighted by its share of the global step batch; DDP then averages ranks.
             self.current_gradient_accumulation_steps = step_samples / (chunk_samples * world_size)
             last = index == len(chunks) - 1
@@ -491,7 +513,8 @@ class BatchRampMixin:
         if "loss" in logs and self.last_batch_size:
             logs["batchsched/batch_size"] = self.last_batch_size
             logs["batchsched/samples_seen"] = self.clock.consumed_samples
-            logs["batchsched/tokens_seen"] = self.clock.consumed_tokens
+            if self.clock.consumed_tokens:
+                logs["batchsched/tokens_seen"] = self.clock.consumed_tokens
             logs["batchsched/micro_chunks"] = self.last_micro_chunks
             noise = self._sgd_noise(logs.get("learning_rate"))
             if noise is not None:
@@ -506,7 +529,7 @@ class BatchRampMixin:
         momentum = group.get("momentum", group.get("betas", (0.0,))[0]) or 0.0
         if not 0 <= momentum < 1:
             return None
-        return sgd_noise_scale(float(lr), self._ramp_sampler.num_samples, self.last_batch_size, float(momentum))
+        return sgd_noise(float(lr), self._ramp_sampler.num_samples, self.last_batch_size, float(momentum))
 
 
 class BatchRampTrainer(BatchRampMixin, Trainer):

@@ -14,7 +14,13 @@ from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 from hf_batchsched.callbacks.noise_scale import NoiseScaleCallback
 from hf_batchsched.errors import ConfigError
 from hf_batchsched.schedules.adaptive import AdaptiveBatchSchedule
-from hf_batchsched.schedules.batch import BatchSchedule
+from hf_batchsched.schedules.batch import (
+    BATCH_SCHEDULES,
+    BatchSchedule,
+    batch_schedule_from_config,
+    batch_schedule_to_config,
+    make_batch_schedule,
+)
 from hf_batchsched.trainer import BatchRampTrainer
 
 torch.set_num_threads(1)
@@ -154,6 +160,26 @@ def test_bad_input(kwargs, match):
         AdaptiveBatchSchedule(**kwargs)
 
 
+def test_registered_as_adaptive_and_round_trips_through_its_config():
+    schedule = AdaptiveBatchSchedule(24, 200, growth_factor=3, patience=2, warmup_updates=0, lr_scaling="sqrt")
+    config = batch_schedule_to_config(schedule)
+    assert config["name"] == "adaptive" and "adaptive" in BATCH_SCHEDULES
+    rebuilt = batch_schedule_from_config(json.loads(json.dumps(config)))
+    assert isinstance(rebuilt, AdaptiveBatchSchedule) and batch_schedule_to_config(rebuilt) == config
+    assert (rebuilt.min_size, rebuilt.max_size, rebuilt.growth_factor) == (24, 72, 3)
+    # the decisions, not only the settings, come back: same inputs, same events
+    assert feed(rebuilt, [100, 100, 100, 100]) == feed(schedule, [100, 100, 100, 100]) == [24, 72, 72, 72]
+    # make_batch_schedule's min_size/max_size/multiple are the schedule's own (no RoundedBatch wrapper)
+    made = make_batch_schedule("adaptive", min_size=32, max_size=256, multiple=16)
+    assert isinstance(made, AdaptiveBatchSchedule) and (made.min_size, made.max_size) == (32, 256)
+    with pytest.raises(ConfigError, match="min_size 24 is not a multiple of 16.*pick min_size = 32"):
+        make_batch_schedule("adaptive", min_size=24, max_size=256, multiple=16)
+    with pytest.raises(ConfigError, match="counts samples, got unit 'tokens'"):
+        batch_schedule_from_config({"name": "adaptive", "min_size": 8, "max_size": 64}, unit="tokens")
+    with pytest.raises(ConfigError, match="missing required parameter.*max_size"):
+        batch_schedule_from_config({"name": "adaptive", "min_size": 8})
+
+
 # ---- inside a real Trainer ----------------------------------------------------------------------------------------
 
 
@@ -254,6 +280,16 @@ def test_adaptive_resume_takes_the_same_decisions(tmp_path):
     assert resumed_schedule.events == full_schedule.events
     assert resumed.clock.state_dict() == full.clock.state_dict()
     assert torch.allclose(resumed.model.linear.weight, full.model.linear.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_adaptive_schedule_from_a_config_in_the_trainer(tmp_path):
+    """``batch_schedule={"name": "adaptive", ...}`` from a YAML config: the schedule the callback drives."""
+    config = {"name": "adaptive", "min_size": 8, "max_size": 64, "patience": 2, "warmup_updates": 3, "beta": 0.8}
+    trainer, callback, _ = make_trainer(tmp_path, config, max_steps=4)
+    assert isinstance(trainer.batch_schedule, AdaptiveBatchSchedule) and callback.schedule is trainer.batch_schedule
+    trainer.train()
+    assert trainer.batch_schedule.estimator.num_updates == 4  # the callback fed the schedule's own estimator
+    assert trainer.clock.consumed_samples == 32
 
 
 def test_callback_checks_adaptive_schedule(tmp_path):

@@ -1,5 +1,6 @@
 """Batch-size schedules, ``simulate``, ``equivalent_to_lr`` and the SGD noise-scale helpers."""
 
+import json
 import math
 import pickle
 
@@ -387,6 +388,58 @@ def test_equivalent_to_lr_bad_input(kwargs, message):
     arguments = {"base_batch_size": 128, "dataset_size": EPOCH, **kwargs}
     with pytest.raises(ConfigError, match=message):
         equivalent_to_lr(cifar_decay(), **arguments)
+
+
+def _equivalent_cases():
+    momentum = make_lr_policy("NSTEP", k0=0.95, gamma=0.9 / 0.95, l=[1000], unit="samples")
+    steps = make_lr_policy("NSTEP", k0=0.1, gamma=0.5, l=[100], unit="steps")
+    warm = make_lr_policy("warmup", warmup=1000, policy=cifar_decay(), unit="samples")
+    return {
+        "smith": (cifar_decay(), {"base_batch_size": 128, "dataset_size": EPOCH, "max_batch_size": 5120}),
+        "multiple_exact": (cifar_decay(), {"base_batch_size": 128, "dataset_size": EPOCH, "multiple": 64,
+                                           "exact_noise": True, "momentum": 0.9}),
+        "adam_warmup": (warm, {"base_batch_size": 128, "dataset_size": 10**6, "optimizer": "adam", "warmup": 1000}),
+        "steps_policy": (steps, {"base_batch_size": 10, "dataset_size": 10_000}),
+        "momentum_policy": (make_lr_policy("FIX", k0=0.1, unit="samples"),
+                            {"base_batch_size": 100, "dataset_size": 10**6, "momentum": momentum}),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(_equivalent_cases()))
+def test_equivalent_to_lr_schedule_round_trips_through_its_config(case):
+    policy, kwargs = _equivalent_cases()[case]
+    batch, _ = equivalent_to_lr(policy, **kwargs)
+    config = batch_schedule_to_config(batch)
+    assert config["name"] == "equivalent_to_lr" and "equivalent_to_lr" in BATCH_SCHEDULES
+    text = json.dumps(config)  # plain JSON: what `hf-batchsched plot --json` prints and YAML configs hold
+    rebuilt = batch_schedule_from_config(json.loads(text))
+    assert rebuilt == batch  # same dataclass: LR policy, cap, multiple, warmup, time scale, momentum
+    probes = [0, 500, 999, 1000, 2000, 3e6, 6e6, 8e6, 9.9e6]
+    assert [rebuilt(c) for c in probes] == [batch(c) for c in probes]
+    assert batch_schedule_to_config(rebuilt) == config
+
+
+def test_equivalent_to_lr_config_is_checked_like_the_function():
+    config = batch_schedule_to_config(equivalent_to_lr(cifar_decay(), base_batch_size=128, dataset_size=EPOCH)[0])
+    with pytest.raises(ConfigError, match="max_batch_size 64 is below base_batch_size 128"):
+        batch_schedule_from_config({**config, "max_batch_size": 64})
+    with pytest.raises(ConfigError, match="unknown LR policy 'NOPE'"):
+        batch_schedule_from_config({**config, "lr_policy": {"name": "NOPE"}})
+    # its own `multiple` goes to the schedule, not to a RoundedBatch wrapper
+    assert make_batch_schedule(**{**config, "multiple": 64}).multiple == 64
+
+
+def test_simulate_refuses_an_online_schedule():
+    from hf_batchsched.schedules.adaptive import AdaptiveBatchSchedule
+
+    adaptive = batch_schedule_from_config({"name": "adaptive", "min_size": 32, "max_size": 512})
+    assert isinstance(adaptive, AdaptiveBatchSchedule) and adaptive.online
+    assert not any(schedule.online for schedule in LEAVES.values())
+    for schedule in (adaptive, adaptive.rounded(16)):
+        with pytest.raises(ConfigError, match="cannot be simulated or plotted ahead of time.*starting size is 32"):
+            simulate(schedule, 1000)
+    with pytest.raises(ConfigError, match="cannot be simulated"):
+        simulate(adaptive, 1000, multiple=16)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ from importlib import resources
 import pytest
 
 from hf_batchsched.cli import main
-from hf_batchsched.commands.plot import EXAMPLE_CONFIG, load_plot_config
+from hf_batchsched.commands.plot import EXAMPLE_CONFIG, describe_run, load_plot_config
+from hf_batchsched.schedules.batch import batch_schedule_from_config, simulate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -38,6 +39,28 @@ def test_example_config_file_and_flags_override(tmp_path, capsys):
     assert data["baseline_num_steps"] == 78_125 and data["lr_is_residual"] is True
     assert max(row["batch_size"] for row in data["rows"]) == 640  # the flag overrode the file's 5120
     assert data["png"] is None and not list(tmp_path.iterdir())
+
+
+def test_json_batch_schedule_of_equivalent_to_lr_round_trips(capsys):
+    """``--json`` prints the equivalent_to_lr schedule's config (it used to print null), and it rebuilds the run."""
+    assert main(["plot", "--example", "--no-png", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    config = data["batch_schedule"]
+    assert config["name"] == "equivalent_to_lr" and config["lr_policy"]["name"] == "NSTEP"
+    assert (config["base_batch_size"], config["dataset_size"], config["max_batch_size"]) == (128, 50_000, 5120)
+    run = simulate(batch_schedule_from_config(config), data["samples"])
+    assert run.num_steps == data["num_steps"] == 29_142
+    rows = describe_run(None, run, dataset_size=data["dataset_size"])
+    assert [row["batch_size"] for row in rows] == [row["batch_size"] for row in data["rows"]]
+
+
+def test_adaptive_schedule_is_refused_in_one_line(tmp_path, capsys):
+    config = tmp_path / "adaptive.yaml"
+    config.write_text("batch_schedule: {name: adaptive, min_size: 32, max_size: 512}\nsamples: 10000\n")
+    assert main(["plot", "--config", str(config), "--no-png"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("hf-batchsched plot: error: AdaptiveBatchSchedule")
+    assert "cannot be simulated or plotted ahead of time" in err and "starting size is 32" in err
 
 
 def test_flags_only_json(tmp_path, capsys):
@@ -95,4 +118,4 @@ def test_bad_config_key_and_unknown_flag(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["plot", "--no-such-flag"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("unrecognized arguments: --no-such-flag")
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -8,6 +8,7 @@ with per-group LRs (LoRA+).
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -209,7 +210,11 @@ def test_loraplus_group_ratios_kept_and_monitored(tmp_path):
 
 def test_multiplier_policy_without_base_lr_is_an_error(tmp_path):
     trainer = make_trainer(tmp_path, lr_policy={"name": "constant"}, learning_rate=0.0)
-    with pytest.raises(ConfigError, match="first entry is > 0"):
+    with pytest.raises(ConfigError, match=r"'constant' is a multiplier .* starts at lr=0.0, so every learning rate"):
+        trainer.train()
+    # An absolute-LR policy keeps the groups' ratios to group 0, which are undefined at 0.
+    trainer = make_trainer(tmp_path, lr_policy={"name": "FIX", "k0": 1e-3}, learning_rate=0.0)
+    with pytest.raises(ConfigError, match=r"keeps the other groups' ratios .* set a learning rate > 0"):
         trainer.train()
 
 
@@ -217,11 +222,56 @@ def _negative(t: float) -> float:
     return -1e-3
 
 
-@pytest.mark.xfail(strict=True, reason="PolicyLRScheduler does not validate the LRs it sets (reported)")
-def test_negative_lr_from_a_policy_is_an_error():
+def _nan(t: float) -> float:
+    return math.nan
+
+
+def _below_zero_after_ten(t: float) -> float:
+    return 1e-3 - 1e-4 * t
+
+
+def _snapshot(optimizer) -> list[dict]:
+    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+
+
+@pytest.mark.parametrize(("fn", "shown"), [(_negative, "-0.001"), (_nan, "nan")])
+def test_negative_lr_from_a_policy_is_an_error(fn, shown):
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-    with pytest.raises(ConfigError):
-        PolicyLRScheduler(optimizer, Policy("negative", _negative), TrainingClock())
+    before = _snapshot(optimizer)
+    with pytest.raises(
+        ConfigError, match=rf"'{fn.__name__}' gives learning rate {shown} for param group 0 at steps = 0"
+    ):
+        PolicyLRScheduler(optimizer, Policy(fn.__name__, fn), TrainingClock())
+    assert _snapshot(optimizer) == before  # not even ``initial_lr`` was written
+
+
+def test_lr_going_negative_mid_run_leaves_the_optimizer_as_it_was():
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD([{"params": params[:1], "lr": 1e-3}, {"params": params[1:], "lr": 2e-3}])
+    clock = TrainingClock()
+    policy = Policy("overshoot", _below_zero_after_ten, unit="samples")
+    scheduler = PolicyLRScheduler(optimizer, policy, clock)
+    optimizer.step()
+    clock.advance(samples=8)
+    scheduler.step()
+    before, last_epoch = _snapshot(optimizer), scheduler.last_epoch
+    assert [group["lr"] for group in before] == pytest.approx([2e-4, 4e-4])
+    clock.advance(samples=3)
+    message = r"'overshoot' gives learning rate -0.0001 for param group 0 at samples = 11 \(optimizer step 2\)"
+    with pytest.raises(ConfigError, match=message):
+        scheduler.step()
+    assert _snapshot(optimizer) == before and scheduler.last_epoch == last_epoch
+    assert scheduler.get_last_lr() == pytest.approx([2e-4, 4e-4])
+
+
+def test_negative_lr_policy_stops_a_trainer_run(tmp_path):
+    # A linear decay that crosses 0 at 10 samples: the LR for the step starting at 12 samples is refused before the
+    # optimizer applies it.
+    trainer = make_trainer(tmp_path, lr_policy=Policy("overshoot", _below_zero_after_ten, unit="samples"))
+    with pytest.raises(ConfigError, match="at samples = 12 \\(optimizer step 3\\); learning rates must be finite"):
+        trainer.train()
+    assert trainer.clock.optimizer_steps == 3  # three good updates (from 0, 4, 8 samples), refused at the fourth
+    assert min(group["lr"] for group in trainer.optimizer.param_groups) >= 0
 
 
 def test_bad_policy_configs_raise_config_errors(tmp_path):

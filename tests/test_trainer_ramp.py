@@ -11,10 +11,12 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from hf_batchsched.data import RampBatchSampler
 from hf_batchsched.errors import ConfigError
+from hf_batchsched.probes.batchnorm import freeze_bn
 from hf_batchsched.schedules.lr import lr_at, make_lr_policy
+from hf_batchsched.schedules.noise import sgd_noise
 from hf_batchsched.schedules.scheduler import PolicyLRScheduler
-from hf_batchsched.testing import tiny_llama
-from hf_batchsched.trainer import BatchRampMixin, BatchRampTrainer, sgd_noise_scale
+from hf_batchsched.testing import digits_image_dataset, tiny_llama, tiny_resnet
+from hf_batchsched.trainer import BatchRampMixin, BatchRampTrainer, count_batch
 
 torch.set_num_threads(1)
 
@@ -249,7 +251,7 @@ def test_metrics_and_step_hooks(tmp_path):
     assert recorder.chunks[:4] == [(0, 1, 4, True), (0, 1, 4, True), (0, 2, 4, True), (1, 2, 4, True)]
     last = trainer.state.log_history[-2]
     assert last["batchsched/batch_size"] == 8 and last["batchsched/micro_chunks"] == 2
-    assert last["batchsched/sgd_noise"] == pytest.approx(sgd_noise_scale(last["learning_rate"], 32, 8, momentum=0.9))
+    assert last["batchsched/sgd_noise"] == pytest.approx(sgd_noise(last["learning_rate"], 32, 8, momentum=0.9))
     with pytest.raises(ConfigError, match="neither"):
         trainer.add_step_hook(object())
 
@@ -445,3 +447,79 @@ def test_per_sample_normalisation_k_chunks_equal_one_chunk(tmp_path):
     assert set(logged(runs[4], "batchsched/micro_chunks").values()) == {1, 2}
     assert train_losses(runs[4]) == pytest.approx(train_losses(runs[16]), rel=1e-5)
     assert_params_close(params(runs[4]), params(runs[16]), rtol=1e-5, atol=1e-6)
+
+
+# ---- other modalities --------------------------------------------------------------------------------------------
+class StepGradients:
+    """Step hook: a copy of every gradient at the end of each step batch (after the last chunk's backward)."""
+
+    def __init__(self):
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_step_batch_end(self, trainer, step_num_samples):
+        self.steps.append(
+            {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        )
+
+
+def image_ramp_trainer(tmp_path, max_micro_batch_size: int, **kwargs) -> BatchRampTrainer:
+    """Tiny ResNet on 48 digits images ({"pixel_values", "labels"}: no attention_mask, no input_ids), BN frozen.
+
+    BatchNorm in training mode normalises each micro-chunk by its own statistics (ghost BN), so chunking would
+    change the maths; with the BN layers frozen every example is processed independently. Plain SGD, so a wrongly
+    scaled loss shows up in the update (Adam would normalise it away).
+    """
+    model = tiny_resnet(seed=0)
+    assert freeze_bn(model) == 6
+    args = make_args(tmp_path, per_device_train_batch_size=4, optim="sgd", learning_rate=0.1, seed=0)
+    trainer = BatchRampTrainer(
+        model=model,
+        args=args,
+        train_dataset=digits_image_dataset(48),
+        batch_schedule=ramp,
+        max_micro_batch_size=max_micro_batch_size,
+        **kwargs,
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def test_image_batches_k_chunks_equal_one_chunk(tmp_path):
+    """An image classifier ramps like an LM: samples from the batch dimension, no tokens, chunks == one chunk.
+
+    Tolerance: fp32 rtol 1e-5 / atol 1e-6 on gradients and parameters -- chunking only changes the summation order
+    (relative error ~1e-7), while a wrong loss normalisation (k chunk means summed) would be off by a factor 2-4.
+    """
+    runs = {}
+    for micro in (16, 4):
+        trainer = image_ramp_trainer(tmp_path / str(micro), micro, batch_size_multiple=4)
+        trainer.add_step_hook(grads := StepGradients())
+        trainer.train()
+        runs[micro] = (trainer, grads)
+    (one, one_grads), (many, many_grads) = runs[16], runs[4]
+    expected_sizes = [4, 4, 8, 8, 16, 8]  # ramp() on 48 samples; the last step takes the 8 that remain
+    for trainer in (one, many):
+        assert list(logged(trainer, "batchsched/batch_size").values()) == expected_sizes
+        assert list(logged(trainer, "batchsched/samples_seen").values()) == [4, 8, 16, 24, 40, 48]
+        assert trainer.clock.consumed_samples == 48 and trainer.clock.consumed_tokens == 0
+        assert not logged(trainer, "batchsched/tokens_seen")  # no tokens in image batches: not logged as 0
+    assert list(logged(many, "batchsched/micro_chunks").values()) == [1, 1, 2, 2, 4, 2]
+    assert set(logged(one, "batchsched/micro_chunks").values()) == {1}
+    assert len(one_grads.steps) == len(many_grads.steps) == 6
+    for step_one, step_many in zip(one_grads.steps, many_grads.steps):
+        assert_params_close(step_many, step_one, rtol=1e-5, atol=1e-6)
+    assert train_losses(many) == pytest.approx(train_losses(one), rel=1e-5)
+    assert max(train_losses(many).values()) < 4  # mean cross-entropy over 10 classes, not a sum of chunk means
+    assert_params_close(params(many), params(one), rtol=1e-5, atol=1e-6)
+    initial = tiny_resnet(seed=0).state_dict()
+    assert max((params(many)[n] - initial[n]).abs().max() for n in params(many)) > 1e-3  # not vacuous
+
+
+def test_count_batch_and_token_policies_need_tokens(tmp_path):
+    assert count_batch({"labels": torch.arange(3), "pixel_values": torch.zeros(3, 1, 8, 8)}) == (3, 0)
+    assert count_batch({"input_ids": torch.ones(2, 5, dtype=torch.long)}) == (2, 10)
+    with pytest.raises(ConfigError, match="no tensor"):
+        count_batch({"text": ["a", "b"]})
+    trainer = image_ramp_trainer(tmp_path, 4, lr_policy={"name": "cosine", "total": 100, "unit": "tokens"})
+    with pytest.raises(ConfigError, match="counts tokens, but the training batches have no attention_mask"):
+        trainer.train()

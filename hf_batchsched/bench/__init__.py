@@ -1,4 +1,6 @@
-"""hf_batchsched.bench"""
+"""Benchmarks: the LRBench-style LR policy benchmark and the LR range test."""
 
-from .lrbench import evaluate_utility, load_lrbench_config, run_lrbench  # noqa: E402, F401  (LR benchmark)
-from .range_test import RangeTestResult, lr_range_test  # noqa: E402, F401  (LR range test)
+from .lrbench import evaluate_utility, load_lrbench_config, run_lrbench
+from .range_test import RangeTestResult, lr_range_test
+
+__all__ = ["RangeTestResult", "evaluate_utility", "load_lrbench_config", "lr_range_test", "run_lrbench"]

@@ -1,12 +1,15 @@
-"""Schedules: pure functions of training progress (LR policies, batch-size schedules)."""
+"""Schedules: pure functions of training progress (LR policies, batch-size schedules, the SGD noise scale), the
+adaptive batch size driven by the measured gradient noise scale, and the LR scheduler that applies a policy."""
 
-# Batch-size schedules (hf_batchsched.schedules.batch).
+from .adaptive import AdaptiveBatchSchedule
+from .base import Policy, Registry
 from .batch import (
     BATCH_SCHEDULES,
     BatchSchedule,
     ConstantBatch,
     GeometricBatch,
     LinearRampBatch,
+    LRMatchedBatch,
     PiecewiseBatch,
     RoundedBatch,
     SimulatedRun,
@@ -17,22 +20,18 @@ from .batch import (
     round_batch_size,
     simulate,
 )
-
-# LR policies (hf_batchsched.schedules.lr).
-from .lr import (
-    LR_POLICIES,
-    group_lrs_at,
-    lr_at,
-    lr_policy_from_config,
-    lr_policy_to_config,
-    make_lr_policy,
-)
+from .lr import LR_POLICIES, group_lrs_at, lr_at, lr_policy_from_config, lr_policy_to_config, make_lr_policy
+from .noise import batch_for_noise, lr_for_noise, rescale_batch_for_noise, sgd_noise
+from .scheduler import PolicyLRScheduler
 
 __all__ = [
+    # batch-size schedules
     "BATCH_SCHEDULES",
+    "AdaptiveBatchSchedule",
     "BatchSchedule",
     "ConstantBatch",
     "GeometricBatch",
+    "LRMatchedBatch",
     "LinearRampBatch",
     "PiecewiseBatch",
     "RoundedBatch",
@@ -43,15 +42,19 @@ __all__ = [
     "make_batch_schedule",
     "round_batch_size",
     "simulate",
+    # LR policies and the scheduler
     "LR_POLICIES",
+    "Policy",
+    "PolicyLRScheduler",
+    "Registry",
     "group_lrs_at",
     "lr_at",
     "lr_policy_from_config",
     "lr_policy_to_config",
     "make_lr_policy",
+    # the SGD noise scale (Smith et al.)
+    "batch_for_noise",
+    "lr_for_noise",
+    "rescale_batch_for_noise",
+    "sgd_noise",
 ]
-
-# Adaptive batch size from the measured gradient noise scale (hf_batchsched.schedules.adaptive).
-from .adaptive import AdaptiveBatchSchedule  # noqa: E402
-
-__all__ += ["AdaptiveBatchSchedule"]

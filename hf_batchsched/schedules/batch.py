@@ -16,7 +16,14 @@ name            class                                    shape
                 ramp_samples, final)``                   staircase from ``start`` to ``final``
 ``geometric``   ``GeometricBatch(start, factor,          Smith et al. 2018: ``x factor`` at each
                 milestones, max_size)``                  milestone, capped at ``max_size``
+``equivalent_`` ``equivalent_to_lr(lr_policy, ...)[0]``  Smith et al. 2018: the batch growth that
+``to_lr``       (an ``LRMatchedBatch``)                  replaces an LR policy's decay
+``adaptive``    ``AdaptiveBatchSchedule(min_size,        McCandlish et al. 2018: grows while the
+                max_size, ...)`` (``schedules.adaptive``) measured noise scale exceeds the batch
 ==============  =======================================  ============================================
+
+``adaptive`` is *online* (``schedule.online``): its sizes depend on gradient noise measured during training, so
+``simulate`` (and ``hf-batchsched plot``) refuse it; every other schedule is a pure function of the clock.
 
 ``RoundedBatch`` (or ``schedule.rounded(multiple)``) rounds a schedule's sizes to multiples of
 ``micro_batch * world_size``; ``simulate`` lays out the optimizer steps of a run (the Trainer's horizon);
@@ -159,10 +166,13 @@ class BatchSchedule:
     that starts when ``consumed`` samples (or tokens, per ``unit``) have been seen.
 
     Subclasses are frozen dataclasses (picklable, comparable) that implement ``__call__``, ``min_size``,
-    ``max_size`` (bounds every value lies in; tight for the leaves) and ``to_config``.
+    ``max_size`` (bounds every value lies in; tight for the leaves) and ``to_config``. ``online`` is ``True`` for a
+    schedule whose sizes depend on measurements taken during training (``AdaptiveBatchSchedule``): it is not a pure
+    function of the clock, so ``simulate`` cannot lay out its run ahead of time.
     """
 
     unit: str = "samples"
+    online: bool = False
 
     def __call__(self, consumed: float) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -528,6 +538,10 @@ class RoundedBatch(BatchSchedule):
         size = round_batch_size(self.schedule(consumed), self.multiple, mode=self.mode)
         return min(max(size, self.min_size), self.max_size)
 
+    @property
+    def online(self) -> bool:
+        return self.schedule.online
+
     def to_config(self) -> dict:
         return {
             **self.schedule.to_config(),
@@ -577,6 +591,14 @@ def _make_geometric(
     return GeometricBatch(start, factor, tuple(milestones), max_size, unit=unit)
 
 
+# Parameters of a registered schedule that share their name with make_batch_schedule's rounding options.
+_OWN_PARAMETERS = {
+    "geometric": ("max_size",),
+    "equivalent_to_lr": ("multiple",),
+    "adaptive": ("min_size", "max_size", "multiple"),
+}
+
+
 def make_batch_schedule(
     name: str,
     *,
@@ -589,12 +611,14 @@ def make_batch_schedule(
     """Build the registered batch schedule ``name`` (``BATCH_SCHEDULES.names()``), optionally rounded.
 
     Args:
-        name (`str`): ``"constant"``, ``"piecewise"``, ``"linear_ramp"`` or ``"geometric"``.
-        multiple (`int`, *optional*, defaults to `1`): round sizes to multiples of it (``RoundedBatch``).
+        name (`str`): ``"constant"``, ``"piecewise"``, ``"linear_ramp"``, ``"geometric"``, ``"equivalent_to_lr"``
+            or ``"adaptive"``.
+        multiple (`int`, *optional*, defaults to `1`): round sizes to multiples of it (``RoundedBatch``); for
+            ``equivalent_to_lr`` and ``adaptive`` their own ``multiple`` parameter.
         rounding (`str`, *optional*, defaults to `"down"`): the rounding mode when ``multiple > 1``.
-        min_size (`int`, *optional*): lower clamp of the rounded schedule (only with ``multiple > 1``).
-        max_size (`int`, *optional*): the cap of ``geometric``; for other schedules the upper clamp of the rounded
-            schedule (only with ``multiple > 1``).
+        min_size (`int`, *optional*): lower clamp of the rounded schedule; ``adaptive``'s starting size.
+        max_size (`int`, *optional*): the cap of ``geometric`` and ``adaptive``; for other schedules the upper clamp
+            of the rounded schedule.
         **params: the schedule's parameters (``unit`` included); unknown or missing ones raise a ``ConfigError``.
 
     >>> make_batch_schedule("linear_ramp", start=16, increment=16, ramp_samples="5859375", final=1536)(0)
@@ -602,8 +626,12 @@ def make_batch_schedule(
     >>> make_batch_schedule("geometric", start=100, factor=2, milestones=[10], max_size=400, multiple=64)(10)
     192
     """
-    if name == "geometric" and max_size is not None:
-        params["max_size"], max_size = max_size, None
+    options = {"multiple": multiple, "min_size": min_size, "max_size": max_size}
+    for key in _OWN_PARAMETERS.get(name, ()):  # the schedule's own parameters, not the rounding wrapper's
+        value = options.pop(key)
+        if value is not None:
+            params[key] = value
+    multiple, min_size, max_size = options.get("multiple", 1), options.get("min_size"), options.get("max_size")
     schedule = BATCH_SCHEDULES.build(name, **params)
     if multiple != 1 or min_size is not None or max_size is not None:
         schedule = RoundedBatch(schedule, multiple, mode=rounding, min_size=min_size, max_size=max_size)
@@ -751,6 +779,12 @@ def simulate(
     """
     if not isinstance(schedule, BatchSchedule):
         schedule = batch_schedule_from_config(schedule)
+    if schedule.online:
+        raise ConfigError(
+            f"{type(schedule).__name__} grows the batch from the gradient noise scale measured during training, so "
+            f"its sizes cannot be simulated or plotted ahead of time; plot a fixed schedule instead (its starting "
+            f"size is {schedule.min_size}) and read batchsched/batch_size from the run's logs"
+        )
     if not _is_number(total_samples) or total_samples < 0 or total_samples != int(total_samples):
         raise ConfigError(f"total_samples must be an integer >= 0, got {total_samples!r}")
     total_samples = int(total_samples)
@@ -849,10 +883,60 @@ class LRMatchedBatch(BatchSchedule):
         return min(max(round_batch_size(ideal, self.multiple, mode="nearest"), self.min_size), self.max_size)
 
     def to_config(self) -> dict:
-        raise ConfigError(
-            "a batch schedule from equivalent_to_lr has no plain config; store the LR policy and the "
-            "equivalent_to_lr arguments instead"
-        )
+        """The ``equivalent_to_lr`` arguments that rebuild this schedule (YAML/JSON-ready; the LR and momentum
+        policies as ``lr_policy_to_config`` dicts)."""
+        from .lr import lr_policy_to_config
+
+        momentum = self.momentum
+        return {
+            "name": "equivalent_to_lr",
+            "unit": self.unit,
+            "lr_policy": lr_policy_to_config(self.lr_policy),
+            "base_batch_size": self.base_batch_size,
+            "dataset_size": self.dataset_size,
+            "max_batch_size": self.max_size,
+            "k": self.k,
+            "momentum": lr_policy_to_config(momentum) if isinstance(momentum, Policy) else momentum,
+            "warmup": self.warmup,
+            "multiple": self.multiple,
+            "exact_noise": self.exact_noise,
+        }
+
+
+@BATCH_SCHEDULES.register("equivalent_to_lr")
+def _make_equivalent_to_lr(
+    *,
+    lr_policy,
+    base_batch_size: int,
+    dataset_size: int,
+    max_batch_size: int | None = None,
+    optimizer: str = "sgd",
+    k: float | None = None,
+    momentum=None,
+    warmup: float = 0.0,
+    unit: str = "samples",
+    multiple: int = 1,
+    exact_noise: bool = False,
+) -> LRMatchedBatch:
+    """The batch schedule of ``equivalent_to_lr``; ``lr_policy`` (and a momentum policy) as configs or ``Policy``."""
+    from .lr import lr_policy_from_config
+
+    if isinstance(momentum, (Mapping, str)):
+        momentum = lr_policy_from_config(momentum)
+    schedule, _ = equivalent_to_lr(
+        lr_policy_from_config(lr_policy),
+        base_batch_size=base_batch_size,
+        dataset_size=dataset_size,
+        max_batch_size=max_batch_size,
+        optimizer=optimizer,
+        k=k,
+        momentum=momentum,
+        warmup=warmup,
+        unit=unit,
+        multiple=multiple,
+        exact_noise=exact_noise,
+    )
+    return schedule
 
 
 def residual_lr(t: float, *, batch_schedule: LRMatchedBatch) -> float:
