@@ -366,3 +366,20 @@ def test_single_chunk_steps_are_skipped(tmp_path, regression):
     trainer.train()
     assert trainer.ramp_plan == [8, 8, 16, 16]
     assert callback.skipped_steps == 2 and callback.estimator.num_updates == 2
+
+
+def test_split_batch_slices_sample_tensors_and_refuses_what_has_none():
+    """One splitter for the package (``probes._utils.split_batch``, also used by BN recalibration): tensors whose
+    first dimension is the sample count are sliced, other values go to every chunk, container types are kept."""
+    from hf_batchsched.probes.noise_scale import split_batch
+
+    batch = {"input_ids": torch.arange(10).reshape(5, 2), "weights": torch.ones(3), "scale": 2.0}
+    chunks = split_batch(batch, 2)
+    assert [chunk["input_ids"][:, 0].tolist() for chunk in chunks] == [[0, 2], [4, 6], [8]]
+    assert all(chunk["scale"] == 2.0 and chunk["weights"].shape == (3,) for chunk in chunks)
+    pairs = split_batch((torch.zeros(3, 1), torch.ones(3)), 2)
+    assert [type(pair) for pair in pairs] == [tuple, tuple] and pairs[1][1].tolist() == [1.0]
+    with pytest.raises(ConfigError, match="cannot split a batch of type str"):
+        split_batch("text", 2)
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        split_batch(batch, 0)

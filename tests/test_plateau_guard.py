@@ -216,8 +216,39 @@ def test_spike_detector_window_and_min_history():
     spike, z = detector.observe(1.5)
     assert spike and math.isinf(z) is False and z > 2
     assert detector.observe(float("inf"))[0]
+    assert detector.spikes == 2  # the 1.5 and the inf; neither entered the window
     with pytest.raises(ConfigError, match="min_history"):
         SpikeDetector(window=4, min_history=8)
+
+
+def test_one_spike_detector_implementation():
+    """The guard's z-score detector and the stability monitor's loss-ratio detector are one class hierarchy: the
+    window, spike counting, state and non-finite handling live in ``probes.stability.SpikeDetector`` only."""
+    from hf_batchsched import callbacks, probes
+    from hf_batchsched.probes.stability import LossSpikeDetector
+    from hf_batchsched.probes.stability import SpikeDetector as Implementation
+
+    assert SpikeDetector is Implementation and callbacks.SpikeDetector is probes.SpikeDetector is Implementation
+    assert issubclass(LossSpikeDetector, Implementation)
+    for method in ("observe", "update", "state_dict", "load_state_dict"):
+        assert getattr(LossSpikeDetector, method) is getattr(Implementation, method)
+    # the same values, two scores: z-score (0 below min_history) and ratio to the upper decile (nan below it)
+    zscore, ratio = SpikeDetector(window=8, sigma=3.0, min_history=3), LossSpikeDetector(window=8, min_history=3)
+    for value in (2.0, 2.1, 1.9):
+        assert zscore.observe(value) == (False, 0.0) and ratio.update(value) is False and math.isnan(ratio.last_ratio)
+    assert zscore.observe(2.0) == (False, pytest.approx(-0.0, abs=1e-9))
+    assert ratio.observe(6.3) == (True, pytest.approx(6.3 / 2.0))  # 90th percentile of (1.9, 2.0, 2.1) is 2.0
+
+
+def test_spike_guard_says_clearly_when_the_trainer_loss_accumulator_is_missing(tmp_path):
+    """The guard reads the private ``Trainer._tr_loss`` (no public per-step loss exists before the update in
+    transformers 5.x); a Trainer without it is refused at ``on_train_begin`` with a message, not an AttributeError
+    mid-step. Before ``train()`` starts the attribute does not exist yet, which is what this simulates."""
+    trainer = make_trainer(tmp_path)
+    guard = SpikeGuardCallback(trainer)
+    assert not hasattr(trainer, "_tr_loss")
+    with pytest.raises(ConfigError, match=r"Trainer\._tr_loss.*transformers"):
+        guard.on_train_begin(trainer.args, trainer.state, trainer.control)
 
 
 class LossInjector:

@@ -246,10 +246,15 @@ def test_monitor_state_is_saved_with_checkpoints_and_restored_on_resume(tmp_path
     trainer.add_callback(StabilityMonitorCallback(trainer, every_n_steps=2))
     trainer.train()
     saved = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
-    history = saved["stateful_callbacks"]["StabilityMonitorCallback"]["attributes"]["monitor_state"]["detector"]
-    assert len(history["history"]) == 2
+    detector = saved["stateful_callbacks"][StabilityMonitorCallback.STATE_KEY]["detector"]
+    assert len(detector["values"]) == 2
 
-    resumed = Trainer(model=tiny_resnet(seed=0), args=args, train_dataset=digits)
+    # The Trainer's own callback restore (it rebuilds callbacks without arguments) leaves the monitor alone.
+    resume_args = training_args(
+        tmp_path, max_steps=4, save_strategy="steps", save_steps=2, learning_rate=0.01,
+        restore_callback_states_from_checkpoint=True,
+    )  # fmt: skip
+    resumed = Trainer(model=tiny_resnet(seed=0), args=resume_args, train_dataset=digits)
     callback = StabilityMonitorCallback(resumed, every_n_steps=2)
     resumed.add_callback(callback)
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
@@ -263,10 +268,6 @@ def test_monitor_validates_arguments(tmp_path):
         StabilityMonitorCallback(trainer, every_n_steps=0)
     with pytest.raises(ConfigError, match="max_activation_growth"):
         StabilityMonitorCallback(trainer, max_activation_growth=0.5)
-    restoring_args = training_args(tmp_path, restore_callback_states_from_checkpoint=True)
-    restoring = Trainer(model=tiny_resnet(), args=restoring_args)
-    with pytest.raises(ConfigError, match="restore_callback_states_from_checkpoint"):
-        StabilityMonitorCallback(restoring)
 
 
 class NoLossKwargs(nn.Module):
@@ -300,3 +301,11 @@ def test_loss_spike_detector_ignores_small_absolute_jumps_near_zero_loss():
     assert [detector.update(v) for v in [0.02, 0.03, 0.02, 0.09, 0.5]] == [False, False, False, False, True]
     with pytest.raises(ConfigError, match="min_delta"):
         LossSpikeDetector(min_delta=-1.0)
+
+
+def test_loss_spike_detector_reads_state_saved_under_its_former_keys():
+    """Checkpoints written before the detectors were merged stored ``history``/``last_ratio``."""
+    detector = LossSpikeDetector(window=3, min_history=2)
+    detector.load_state_dict({"history": [1.0, 2.0, 3.0, 4.0], "spikes": 1, "last_ratio": 0.5})
+    assert detector.history == [2.0, 3.0, 4.0] and detector.spikes == 1 and detector.last_ratio == 0.5
+    assert detector.state_dict() == {"values": [2.0, 3.0, 4.0], "spikes": 1, "last_score": 0.5}

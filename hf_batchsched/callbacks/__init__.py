@@ -1,9 +1,30 @@
-"""hf_batchsched.callbacks"""
+"""Trainer callbacks: thin shells over the functional twins in ``hf_batchsched.probes`` and ``.schedules``.
 
-from .batchnorm import BNRecalibrationCallback, FreezeBNCallback  # noqa: E402, F401  (batchnorm)
-from .lr_monitor import LRMonitorCallback, param_group_lrs  # noqa: E402, F401  (LR policies)
-from .noise_scale import NoiseScaleCallback  # noqa: E402, F401  (gradient noise scale)
-from .plateau import PlateauCallback, PlateauTracker, scale_learning_rates  # noqa: E402, F401  (LR policies)
-from .sharpness import SharpnessProbeCallback  # noqa: E402, F401  (sharpness probe)
-from .spike_guard import LossSpikeGuard, SpikeDetector, SpikeGuardCallback  # noqa: E402, F401  (LR policies)
-from .stability import StabilityMonitorCallback  # noqa: E402, F401  (stability monitor)
+Every callback takes the trainer explicitly (``XCallback(trainer, ...)``), logs through
+``hf_batchsched.callbacks._logging.log_metrics`` (``trainer.log`` without cancelling the Trainer's own log) and, when
+stateful, keeps its state in the checkpoint through ``hf_batchsched.callbacks._state``.
+"""
+
+from .batchnorm import BNRecalibrationCallback, FreezeBNCallback
+from .lr_monitor import LRMonitorCallback, param_group_lrs
+from .noise_scale import NoiseScaleCallback
+from .plateau import PlateauCallback, PlateauTracker, scale_learning_rates
+from .sharpness import SharpnessProbeCallback
+from .spike_guard import LossSpikeGuard, SpikeDetector, SpikeGuardCallback
+from .stability import StabilityMonitorCallback
+
+__all__ = [
+    "BNRecalibrationCallback",
+    "FreezeBNCallback",
+    "LRMonitorCallback",
+    "LossSpikeGuard",
+    "NoiseScaleCallback",
+    "PlateauCallback",
+    "PlateauTracker",
+    "SharpnessProbeCallback",
+    "SpikeDetector",
+    "SpikeGuardCallback",
+    "StabilityMonitorCallback",
+    "param_group_lrs",
+    "scale_learning_rates",
+]

@@ -16,23 +16,11 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from hf_batchsched.callbacks._logging import log_metrics
 from hf_batchsched.errors import ConfigError, check_positive
 from hf_batchsched.probes.batchnorm import batchnorm_modules, freeze_bn, is_bn_frozen, recalibrate_bn, unfreeze_bn
 
 __all__ = ["BNRecalibrationCallback", "FreezeBNCallback"]
-
-
-def log_keeping_trainer_log(trainer: Any, logs: dict[str, float]) -> None:
-    """``trainer.log(logs)`` from inside a step event without cancelling the Trainer's own pending log.
-
-    ``Trainer.log`` runs the ``on_log`` event, which clears ``control.should_log``; called from ``on_step_end``
-    that would silently drop the step's ``loss``/``grad_norm`` line, so the flag is put back afterwards.
-    """
-    control = getattr(trainer, "control", None)
-    should_log = getattr(control, "should_log", False)
-    trainer.log(logs)
-    if control is not None and should_log:
-        trainer.control.should_log = True
 
 
 def _require_batchnorm(trainer: Any, who: str) -> None:
@@ -136,7 +124,7 @@ class BNRecalibrationCallback(TrainerCallback):
             )
         self.last_step = self.trainer.state.global_step
         self.last_result = result
-        log_keeping_trainer_log(
+        log_metrics(
             self.trainer,
             {
                 "bn/recalibration_samples": float(result["num_samples"]),

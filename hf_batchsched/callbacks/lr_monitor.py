@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
+from ._logging import log_metrics
+
 __all__ = ["LRMonitorCallback", "param_group_lrs"]
 
 
@@ -50,7 +52,7 @@ class LRMonitorCallback(TrainerCallback):
         self.last_lrs = param_group_lrs(self.trainer.optimizer)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        # With the Trainer's training log (the one with "loss"), as a separate entry: calling trainer.log from
-        # on_step_end instead would reset control.should_log and swallow the Trainer's own log.
+        # With every training log of the Trainer (the one with "loss", whatever the logging strategy), as a
+        # separate entry at the same step.
         if logs and "loss" in logs and self.last_lrs is not None:
-            self.trainer.log({f"lr/group_{i}": lr for i, lr in enumerate(self.last_lrs)})
+            log_metrics(self.trainer, {f"lr/group_{i}": lr for i, lr in enumerate(self.last_lrs)})

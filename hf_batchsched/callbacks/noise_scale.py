@@ -45,6 +45,8 @@ from transformers import TrainerCallback
 from ..errors import ConfigError, check_positive
 from ..probes.noise_scale import GradientNoiseScale, grad_sq_norm
 from ..schedules.adaptive import AdaptiveBatchSchedule
+from ._logging import log_metrics
+from ._state import load_callback_state, save_callback_state
 
 __all__ = ["NoiseScaleCallback"]
 
@@ -177,9 +179,7 @@ class NoiseScaleCallback(TrainerCallback):
             self.estimator.load_state_dict(state["estimator"])
 
     def _save(self, state) -> None:
-        if state.stateful_callbacks is None:
-            state.stateful_callbacks = {}
-        state.stateful_callbacks[self.STATE_KEY] = self.state_dict()
+        save_callback_state(state, self.STATE_KEY, self.state_dict())
 
     # ---- step hooks (every rank) ----------------------------------------------------------------
     @property
@@ -252,7 +252,7 @@ class NoiseScaleCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._attached = True
         self._param_list = None
-        saved = (state.stateful_callbacks or {}).get(self.STATE_KEY)
+        saved = load_callback_state(state, self.STATE_KEY)
         if saved is not None and state.global_step > 0:
             self.load_state_dict(saved)
         elif state.global_step == 0:  # a fresh run starts a fresh estimate
@@ -298,6 +298,4 @@ class NoiseScaleCallback(TrainerCallback):
         self._save(state)
         if self._new_event or (control.should_log and self.estimator.num_updates):
             self._new_event = False
-            should_log = control.should_log  # Trainer.log -> on_log clears it; the Trainer's own log must still run
-            self.trainer.log(self.metrics())
-            control.should_log = should_log
+            log_metrics(self.trainer, self.metrics())

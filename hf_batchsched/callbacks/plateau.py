@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from transformers import TrainerCallback
 
 from ..errors import ConfigError, check_choice, check_positive
+from ._logging import log_metrics
+from ._state import load_callback_state, save_callback_state
 
 __all__ = [
     "PlateauCallback",
@@ -90,6 +92,19 @@ def scale_learning_rates(optimizer, scheduler, factor: float) -> list[float]:
     return [group["lr"] for group in optimizer.param_groups]
 
 
+def _cut_learning_rates(optimizer, scheduler, scale: float, factor: float, min_scale: float) -> float:
+    """One more LR cut by ``factor`` on top of the cumulative ``scale``, floored at ``min_scale``.
+
+    Applies the step from ``scale`` to the new cumulative scale with :func:`scale_learning_rates` and returns the new
+    scale; returns ``scale`` unchanged (and touches nothing) when the floor is already reached.
+    """
+    new_scale = max(scale * factor, min_scale)
+    if new_scale < scale:
+        scale_learning_rates(optimizer, scheduler, new_scale / scale)
+        return new_scale
+    return scale
+
+
 def _check_scheduler_honours_scale(scheduler) -> None:
     """A ``PolicyLRScheduler`` on an absolute-LR policy ignores ``base_lrs`` scaling: it needs ``lr_scale``."""
     policy = getattr(scheduler, "policy", None)
@@ -98,28 +113,6 @@ def _check_scheduler_honours_scale(scheduler) -> None:
             f"{type(scheduler).__name__} on the absolute-LR policy {policy.name!r} has no 'lr_scale' attribute, so an "
             "LR cut would be undone at the next step; update hf_batchsched or use a multiplier policy"
         )
-
-
-# --------------------------------------------------------------------------------------------------
-# Callback state that travels with Trainer checkpoints
-# --------------------------------------------------------------------------------------------------
-
-
-def save_callback_state(state, key: str, value: dict) -> None:
-    """Store ``value`` (JSON-ready) in ``TrainerState.stateful_callbacks[key]``: it is written to every
-    checkpoint's ``trainer_state.json`` and read back on ``train(resume_from_checkpoint=...)``.
-
-    ``key`` must not be a callback class name (``"hf_batchsched.PlateauCallback"``), so the Trainer's own
-    ``restore_callback_states_from_checkpoint`` (which rebuilds callbacks without arguments) leaves it alone.
-    """
-    if state.stateful_callbacks is None:
-        state.stateful_callbacks = {}
-    state.stateful_callbacks[key] = value
-
-
-def load_callback_state(state, key: str) -> dict | None:
-    """The value stored by ``save_callback_state`` in the (possibly resumed) ``TrainerState``, or ``None``."""
-    return (state.stateful_callbacks or {}).get(key)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -366,14 +359,15 @@ class PlateauCallback(TrainerCallback):
         if self.policies is not None:
             logs["lr/plateau_policy_index"] = self.policy_index
         save_callback_state(state, self.STATE_KEY, self.state_dict())
-        self.trainer.log(logs)
+        log_metrics(self.trainer, logs)
 
     def _on_plateau(self) -> None:
         scheduler = self.trainer.lr_scheduler
         if self.policies is None:
-            new_scale = max(self.scale * self.factor, self.min_lr_ratio)
+            new_scale = _cut_learning_rates(
+                self.trainer.optimizer, scheduler, self.scale, self.factor, self.min_lr_ratio
+            )
             if new_scale < self.scale:
-                scale_learning_rates(self.trainer.optimizer, scheduler, new_scale / self.scale)
                 self.scale = new_scale
                 self.events += 1
             return

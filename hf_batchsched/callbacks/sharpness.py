@@ -12,7 +12,10 @@ import torch
 from transformers import TrainerCallback
 
 from ..errors import ConfigError, check_positive
+from ..probes._utils import to_device, world_size_and_rank
 from ..probes.sharpness import estimate_sharpness, validate_sharpness_options
+from ._logging import log_metrics
+from ._state import load_callback_state, save_callback_state
 
 __all__ = ["SharpnessProbeCallback"]
 
@@ -79,7 +82,8 @@ class SharpnessProbeCallback(TrainerCallback):
     ```
     """
 
-    state_key = "hf_batchsched.SharpnessProbeCallback"
+    STATE_KEY = "hf_batchsched.SharpnessProbeCallback"
+    state_key = STATE_KEY  # former name, kept
 
     def __init__(
         self,
@@ -131,7 +135,6 @@ class SharpnessProbeCallback(TrainerCallback):
         self.last_probe_seconds: float | None = None
         self._batches: list | None = None
         self._train_start: float | None = None
-        self._restored = False
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -153,18 +156,7 @@ class SharpnessProbeCallback(TrainerCallback):
         self._batches = None
 
     def _sync_state(self, state) -> None:
-        # Trainer writes TrainerState (with stateful_callbacks) into every checkpoint after on_step_end. The key is
-        # not a callback class name, so Trainer's own restore ignores it (with a warning) and we restore it lazily.
-        if isinstance(state.stateful_callbacks, dict):
-            state.stateful_callbacks[self.state_key] = self.state_dict()
-
-    def _maybe_restore(self, state) -> None:
-        if self._restored:
-            return
-        self._restored = True
-        stored = state.stateful_callbacks.get(self.state_key) if isinstance(state.stateful_callbacks, dict) else None
-        if stored:
-            self.load_state_dict(stored)
+        save_callback_state(state, self.STATE_KEY, self.state_dict())
 
     # -- probe set ------------------------------------------------------------------------------------------
     def _choose_indices(self) -> list[int]:
@@ -194,24 +186,25 @@ class SharpnessProbeCallback(TrainerCallback):
             rows = self._rows(self.probe_indices)
             collator = self.trainer.data_collator
             device = self.trainer.args.device
-            batches = []
-            for start in range(0, len(rows), self.probe_batch_size):
-                batch = collator(rows[start : start + self.probe_batch_size])
-                batches.append({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-            world, rank = _world()
+            batches = [
+                to_device(collator(rows[start : start + self.probe_batch_size]), device)
+                for start in range(0, len(rows), self.probe_batch_size)
+            ]
+            world, rank = world_size_and_rank()
             self._batches = batches[rank::world]
         return self._batches
 
     # -- hooks ----------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
+        # On resume the Trainer has loaded the checkpoint's TrainerState by now: the probe set comes back with it.
+        stored = load_callback_state(state, self.STATE_KEY)
+        if stored:
+            self.load_state_dict(stored)
         self._train_start = time.perf_counter()
         self.probe_batches()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._maybe_restore(state)
+        self._sync_state(state)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._maybe_restore(state)
         if self.every_n_steps and state.global_step % self.every_n_steps == 0:
             self.probe(state)
 
@@ -225,7 +218,7 @@ class SharpnessProbeCallback(TrainerCallback):
         elapsed = time.perf_counter() - self._train_start
         predicted = self.last_probe_seconds
         skip = (self.probe_seconds + predicted) > self.budget * (elapsed + predicted)
-        world, _ = _world()
+        world, _ = world_size_and_rank()
         if world > 1:  # all ranks must agree, or the collectives inside the probe would hang
             flag = torch.tensor([float(skip)], device=self.trainer.args.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -251,11 +244,5 @@ class SharpnessProbeCallback(TrainerCallback):
         self.last_probe_step = state.global_step
         self._sync_state(state)
         logs = {f"sharpness/{k}": float(v) for k, v in results.items() if not k.endswith(_COUNTERS)}
-        self.trainer.log(logs)
+        log_metrics(self.trainer, logs)
         return results
-
-
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0

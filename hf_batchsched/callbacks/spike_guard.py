@@ -14,14 +14,20 @@ still move the weights.) The LR schedule and the data position still advance: a 
 
 Where the numbers come from: the step's loss is the increase of the Trainer's running training-loss accumulator
 (the value it logs as ``loss``) between ``on_step_begin`` and ``on_pre_optimizer_step``, so it is the loss of
-exactly the batch about to be applied, summed over accumulation chunks (the step mean); the gradient norm is
+exactly the batch about to be applied, summed over accumulation chunks (the step mean). transformers 5.x has no
+public way to get it before the update: callback events receive no loss, ``on_log`` only sees the average over a
+logging interval, after the update, and a forward hook on the model misses losses the Trainer computes itself
+(``label_smoothing_factor``, a custom ``compute_loss``, ``trl`` trainers). So the guard reads the private
+``Trainer._tr_loss`` (a device tensor, one host sync per step) and fails with a ``ConfigError`` naming the
+transformers version at ``on_train_begin`` if a future version drops it; the gradient norm is
 computed over the optimizer's parameters at ``on_pre_optimizer_step``. With ``max_grad_norm > 0`` this is the
 *clipped* norm: clipping already bounds large spikes, the z-test then sees jumps below the clip, and the loss test
 and the non-finite check are unaffected. Under DDP every rank takes the same decision (loss averaged, non-finite
 flag and grad norm maxed over ranks). With fp16 mixed precision the GradScaler owns Inf/NaN gradients (it skips
 those steps and lowers its scale), so the guard leaves non-finite gradients to it and only acts on z-scores.
 
-The decision logic is ``SpikeDetector``, a pure rolling-window z-score usable without a Trainer.
+The decision logic is ``SpikeDetector`` (defined in ``hf_batchsched.probes.stability``, re-exported here), a pure
+rolling-window z-score usable without a Trainer.
 
 Metrics (through ``trainer.log``; with every training log and at every step with an event):
 
@@ -37,69 +43,20 @@ Metrics (through ``trainer.log``; with every training log and at every step with
 from __future__ import annotations
 
 import math
-from collections import deque
 
 import torch
 from transformers import TrainerCallback
 
-from ..errors import ConfigError, check_choice, check_positive
-from .plateau import _check_scheduler_honours_scale, load_callback_state, save_callback_state, scale_learning_rates
+from ..errors import ConfigError, check_choice
+from ..probes.noise_scale import grad_sq_norm
+from ..probes.stability import SpikeDetector
+from ._logging import log_metrics
+from ._state import load_callback_state, save_callback_state
+from .plateau import _check_scheduler_honours_scale, _cut_learning_rates
 
 __all__ = ["ACTIONS", "LossSpikeGuard", "SpikeDetector", "SpikeGuardCallback", "gradient_norm", "skip_update"]
 
 ACTIONS = ("skip", "cut_lr", "skip_and_cut")
-
-
-class SpikeDetector:
-    """Rolling-window z-score spike detector.
-
-    ``observe(x)`` returns ``(is_spike, zscore)``: ``zscore = (x - mean) / std`` over the last ``window`` accepted
-    values (population std); a spike is ``zscore > sigma`` once ``min_history`` values are held, or any non-finite
-    ``x``. Spikes are not added to the window (so one outlier does not widen it and hide the next).
-
-    Example:
-
-    >>> detector = SpikeDetector(window=8, sigma=3.0, min_history=4)
-    >>> [detector.observe(x)[0] for x in (1.0, 1.1, 0.9, 1.0, 1.05, 5.0, 1.0, float("nan"))]
-    [False, False, False, False, False, True, False, True]
-    >>> round(detector.observe(1.2)[1], 3)  # (1.2 - mean) / std of the 7 accepted values
-    3.159
-    """
-
-    def __init__(self, window: int = 128, sigma: float = 6.0, min_history: int = 20):
-        check_positive("window", window)
-        check_positive("sigma", sigma)
-        check_positive("min_history", min_history)
-        if min_history > window:
-            raise ConfigError(
-                f"min_history ({min_history}) cannot exceed window ({window}); lower it or widen the window"
-            )
-        self.window, self.sigma, self.min_history = int(window), float(sigma), int(min_history)
-        self.values: deque[float] = deque(maxlen=self.window)
-
-    def zscore(self, x: float) -> float:
-        if len(self.values) < self.min_history:
-            return 0.0
-        n = len(self.values)
-        mean = sum(self.values) / n
-        std = math.sqrt(sum((v - mean) ** 2 for v in self.values) / n)
-        return (x - mean) / max(std, 1e-12 * max(abs(mean), 1.0))
-
-    def observe(self, x: float) -> tuple[bool, float]:
-        x = float(x)
-        if not math.isfinite(x):
-            return True, math.inf
-        z = self.zscore(x)
-        spike = len(self.values) >= self.min_history and z > self.sigma
-        if not spike:
-            self.values.append(x)
-        return spike, z
-
-    def state_dict(self) -> dict:
-        return {"values": list(self.values)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.values = deque((float(v) for v in state["values"]), maxlen=self.window)
 
 
 def _optimizer_params(optimizer) -> list[torch.nn.Parameter]:
@@ -113,10 +70,7 @@ def gradient_norm(parameters) -> float:
     >>> gradient_norm([p])
     5.0
     """
-    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in parameters if p.grad is not None]
-    if not norms:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])))
+    return float(grad_sq_norm(parameters).sqrt())
 
 
 def skip_update(optimizer) -> None:
@@ -132,8 +86,23 @@ def skip_update(optimizer) -> None:
 
 
 def _running_train_loss(trainer) -> float:
-    """The Trainer's running training-loss accumulator (reset at every logging step)."""
+    """The Trainer's running training-loss accumulator (private ``Trainer._tr_loss``, reset at every logging step).
+
+    Private, but the only per-step loss a callback can read before the update (see the module docstring); its
+    presence is checked once per ``train()`` by :func:`_check_running_train_loss`.
+    """
     return float(trainer._tr_loss)
+
+
+def _check_running_train_loss(trainer) -> None:
+    if not isinstance(getattr(trainer, "_tr_loss", None), torch.Tensor):
+        import transformers
+
+        raise ConfigError(
+            f"SpikeGuardCallback reads the step loss from Trainer._tr_loss, which {type(trainer).__name__} under "
+            f"transformers {transformers.__version__} does not have (tested with 5.x). Use a transformers version "
+            "that has it, or report the missing attribute to hf-batchsched"
+        )
 
 
 class SpikeGuardCallback(TrainerCallback):
@@ -176,7 +145,7 @@ class SpikeGuardCallback(TrainerCallback):
             raise ConfigError(f"lr_factor must be in (0, 1) (the LR multiplier per cut), got {lr_factor}")
         if not 0 < min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio must be in (0, 1], got {min_lr_ratio}")
-        if not hasattr(trainer, "_tr_loss") and not hasattr(type(trainer), "_inner_training_loop"):
+        if not (hasattr(trainer, "log") and hasattr(trainer, "args")):
             raise ConfigError(f"SpikeGuardCallback needs a transformers.Trainer, got {type(trainer).__name__}")
         self.trainer = trainer
         self.action = action
@@ -218,6 +187,7 @@ class SpikeGuardCallback(TrainerCallback):
 
     # ---- events ---------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
+        _check_running_train_loss(self.trainer)
         saved = load_callback_state(state, self.STATE_KEY)
         if saved is not None:
             self.load_state_dict(saved)
@@ -235,7 +205,7 @@ class SpikeGuardCallback(TrainerCallback):
         # steps is then unknown (not tested, not added to the window); their gradients are still checked.
         before = self._loss_at_step_begin
         loss_unknown = not math.isfinite(before)
-        loss = 0.0 if loss_unknown else float(trainer._tr_loss) - before
+        loss = 0.0 if loss_unknown else _running_train_loss(trainer) - before
         grad_norm = gradient_norm(_optimizer_params(trainer.optimizer))
         grad_nonfinite = not math.isfinite(grad_norm)
         values = torch.tensor([loss, 0.0 if grad_nonfinite else grad_norm, float(grad_nonfinite), float(loss_unknown)])
@@ -267,9 +237,10 @@ class SpikeGuardCallback(TrainerCallback):
         if nonfinite:
             self.nonfinite_steps += 1
         if cut:
-            new_scale = max(self.scale * self.lr_factor, self.min_lr_ratio)
+            new_scale = _cut_learning_rates(
+                trainer.optimizer, trainer.lr_scheduler, self.scale, self.lr_factor, self.min_lr_ratio
+            )
             if new_scale < self.scale:
-                scale_learning_rates(trainer.optimizer, trainer.lr_scheduler, new_scale / self.scale)
                 self.scale = new_scale
                 self.lr_cuts += 1
         self.events.append(
@@ -299,14 +270,14 @@ class SpikeGuardCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         save_callback_state(state, self.STATE_KEY, self.state_dict())
-        # An event on a step that is not a logging step is logged now. (Calling trainer.log resets
-        # control.should_log, so on logging steps the metrics go out with the Trainer's own log, in on_log.)
+        # An event on a step that is not a logging step is logged now; on logging steps the metrics go out with
+        # the Trainer's own log, in on_log (once per step).
         if self._event_this_step and not control.should_log:
-            self.trainer.log(self._logs())
+            log_metrics(self.trainer, self._logs())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:  # the Trainer's training log (not ours, not evaluation)
-            self.trainer.log(self._logs())
+            log_metrics(self.trainer, self._logs())
 
 
 #: OLMo-core's name for the same idea.

@@ -29,10 +29,11 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
 
-from hf_batchsched.callbacks.batchnorm import log_keeping_trainer_log
+from hf_batchsched.callbacks._logging import log_metrics
+from hf_batchsched.callbacks._state import load_callback_state, save_callback_state
 from hf_batchsched.errors import ConfigError, check_positive
+from hf_batchsched.probes._utils import is_distributed, model_device
 from hf_batchsched.probes.batchnorm import batchnorm_modules
 from hf_batchsched.probes.stability import (
     ActivationRecorder,
@@ -45,10 +46,6 @@ from hf_batchsched.probes.stability import (
 __all__ = ["StabilityMonitorCallback"]
 
 logger = logging.getLogger(__name__)
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _loss_of(output: Any) -> torch.Tensor | None:
@@ -71,7 +68,7 @@ def _items_in(kwargs: Mapping[str, Any], args: tuple) -> torch.Tensor | int:
     return 1
 
 
-class StabilityMonitorCallback(TrainerCallback, ExportableState):
+class StabilityMonitorCallback(TrainerCallback):
     """Log a depth profile of activations and gradients every ``every_n_steps``, and flag divergence every step.
 
     On a sampled step (``global_step % every_n_steps == 0``) forward hooks are attached to the model's blocks
@@ -86,9 +83,8 @@ class StabilityMonitorCallback(TrainerCallback, ExportableState):
     ``stop_on_divergence`` training stops at the first alarm (on every rank). Works on BN CNNs and on
     LayerNorm/RMSNorm LLMs (blocks = decoder layers). Activation statistics are averaged across ranks.
 
-    The loss window and spike count are saved with checkpoints (``trainer_state.json``) and restored on resume;
-    keep ``TrainingArguments.restore_callback_states_from_checkpoint`` at its default `False` (the Trainer's own
-    restore would rebuild the callback without its ``trainer`` argument).
+    The loss window, spike and alarm counts are saved with checkpoints (``trainer_state.json``, key
+    ``"hf_batchsched.StabilityMonitorCallback"``) and restored on ``train(resume_from_checkpoint=...)``.
 
     Args:
         trainer (`transformers.Trainer`):
@@ -119,6 +115,8 @@ class StabilityMonitorCallback(TrainerCallback, ExportableState):
     ```
     """
 
+    STATE_KEY = "hf_batchsched.StabilityMonitorCallback"
+
     def __init__(
         self,
         trainer: Any,
@@ -138,11 +136,6 @@ class StabilityMonitorCallback(TrainerCallback, ExportableState):
         check_positive("every_n_steps", every_n_steps)
         if not max_activation_growth > 1:
             raise ConfigError(f"max_activation_growth must be > 1 (an RMS ratio), got {max_activation_growth}")
-        if getattr(trainer.args, "restore_callback_states_from_checkpoint", False):
-            raise ConfigError(
-                "StabilityMonitorCallback restores its own state on resume; set "
-                "restore_callback_states_from_checkpoint=False (the Trainer would rebuild it without its trainer)"
-            )
         self.trainer = trainer
         self.every_n_steps = every_n_steps
         self.block_class = block_class
@@ -172,10 +165,6 @@ class StabilityMonitorCallback(TrainerCallback, ExportableState):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.detector.load_state_dict(state.get("detector", {}))
         self.alarms = int(state.get("alarms", 0))
-
-    def state(self) -> dict:
-        """``ExportableState`` hook: the Trainer writes this into ``trainer_state.json`` with each checkpoint."""
-        return {"args": {}, "attributes": {"monitor_state": self.state_dict()}}
 
     # -- helpers ------------------------------------------------------------------------------------------------
 
@@ -218,7 +207,7 @@ class StabilityMonitorCallback(TrainerCallback, ExportableState):
                     total = sum(step_weights)
                     values.append(sum(v * w for v, w in zip(step_losses, step_weights)) / max(total, 1.0))
         self._pending_steps = []
-        if _distributed():
+        if is_distributed():
             # Every rank has run the same number of steps, so the vectors line up.
             tensor = torch.tensor(values, dtype=torch.float64, device=self._device())
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
@@ -226,16 +215,16 @@ class StabilityMonitorCallback(TrainerCallback, ExportableState):
         return values
 
     def _device(self) -> torch.device:
-        if _distributed() and torch.distributed.get_backend() == "nccl":
+        if is_distributed() and torch.distributed.get_backend() == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
-        return next(self.trainer.model.parameters()).device
+        return model_device(self.trainer.model)
 
     # -- events -------------------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, **kwargs):
-        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
-        if isinstance(saved, Mapping) and "monitor_state" in saved.get("attributes", {}):
-            self.load_state_dict(saved["attributes"]["monitor_state"])
+        saved = load_callback_state(state, self.STATE_KEY)
+        if saved is not None:
+            self.load_state_dict(saved)
         if self._loss_handle is None:
             self._loss_handle = self.trainer.model.register_forward_hook(self._record_loss, with_kwargs=True)
         self._micro_losses, self._pending_steps = [], []
@@ -257,7 +246,8 @@ class StabilityMonitorCallback(TrainerCallback, ExportableState):
         logs, diverged = self._collect()
         if diverged and self.stop_on_divergence:
             control.should_training_stop = True
-        log_keeping_trainer_log(self.trainer, logs)
+        save_callback_state(state, self.STATE_KEY, self.state_dict())
+        log_metrics(self.trainer, logs)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.recorder.detach()
@@ -273,7 +263,7 @@ class StabilityMonitorCallback(TrainerCallback, ExportableState):
         diverged = False
         sums = self.recorder.dense_sums(self._device())
         self.recorder.detach()
-        if _distributed():  # same shape on every rank (zeros where a rank saw nothing), so the collective always runs
+        if is_distributed():  # same shape on every rank (zeros where a rank saw nothing): the collective always runs
             torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
         profile = self.recorder.profile(sums)
         if profile.names:

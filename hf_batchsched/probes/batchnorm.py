@@ -18,7 +18,7 @@ of at most ``max_micro_batch_size`` samples, which is ghost BN at the micro-batc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from hf_batchsched.errors import ConfigError, check_positive
+from hf_batchsched.probes._utils import default_forward, is_distributed, model_device, split_batch, to_device
 
 __all__ = [
     "GhostBatchNorm1d",
@@ -191,59 +192,6 @@ def revert_ghost_bn(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """Run one batch: ``model(**batch)`` for a mapping (Hugging Face), ``model(*batch)`` for a tuple/list, else
-    ``model(batch)``."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return type(batch)({key: _to_device(value, device) for key, value in batch.items()})
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(value, device) for value in batch)
-    return batch
-
-
-def _rows(batch: Any) -> int | None:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() > 0 else None
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else []
-    return next((rows for rows in map(_rows, values) if rows is not None), None)
-
-
-def _slice_rows(batch: Any, start: int, stop: int, rows: int) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch[start:stop] if batch.dim() > 0 and batch.shape[0] == rows else batch
-    if isinstance(batch, Mapping):
-        return type(batch)({key: _slice_rows(value, start, stop, rows) for key, value in batch.items()})
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_slice_rows(value, start, stop, rows) for value in batch)
-    return batch
-
-
-def _split_batch(batch: Any, micro_batch_size: int | None) -> list[Any]:
-    """Chunks of at most ``micro_batch_size`` rows (tensors whose first dimension is the batch's are sliced)."""
-    rows = _rows(batch)
-    if micro_batch_size is None or rows is None or rows <= micro_batch_size:
-        return [batch]
-    return [_slice_rows(batch, start, start + micro_batch_size, rows) for start in range(0, rows, micro_batch_size)]
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
 def _accumulator_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
@@ -314,7 +262,7 @@ def recalibrate_bn(
         check_positive("micro_batch_size", micro_batch_size)
     forward_fn = default_forward if forward_fn is None else forward_fn
     layers = [(name, bn) for name, bn in batchnorm_modules(model) if not is_bn_frozen(bn)]
-    device = _model_device(model)
+    device = model_device(model)
     sums: dict[str, list[torch.Tensor]] = {}
     first_layer_samples = [0]
 
@@ -345,8 +293,8 @@ def recalibrate_bn(
                 for batch in batches:
                     if num_batches is not None and seen >= num_batches:
                         break
-                    for chunk in _split_batch(batch, micro_batch_size):
-                        forward_fn(model, _to_device(chunk, device))
+                    for chunk in split_batch(batch, micro_batch_size):
+                        forward_fn(model, to_device(chunk, device))
                     seen += 1
     finally:
         for handle in handles:
@@ -378,7 +326,7 @@ def _reduce_and_write(layers: list[tuple[str, _BatchNorm]], sums: dict[str, list
             stats = [torch.zeros(bn.num_features, dtype=dtype, device=anchor.device) for _ in range(3)]
         pieces.append(torch.cat([s.to(device=anchor.device, dtype=dtype) for s in stats]))
     flat = torch.cat(pieces)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if is_distributed():
         torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
     offset = 0
     for _, bn in layers:

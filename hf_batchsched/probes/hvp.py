@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, check_choice
+from ._utils import is_distributed
 
 __all__ = [
     "HVP_METHODS",
@@ -279,7 +280,7 @@ class _MergedLoraSpace(_Space):
 
 
 def _distributed_world(distributed: bool | None) -> bool:
-    available = torch.distributed.is_available() and torch.distributed.is_initialized()
+    available = is_distributed()
     if distributed is None:
         return available and torch.distributed.get_world_size() > 1
     if distributed and not available:

@@ -27,12 +27,14 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
 import torch
 
 from ..errors import ConfigError, check_positive
+from ._utils import batch_rows
+from ._utils import split_batch as _split_batch
 
 __all__ = [
     "GradientNoiseScale",
@@ -228,27 +230,19 @@ class NoiseScaleSample(NamedTuple):
 def split_batch(batch, micro_batch_size: int) -> list:
     """Split a batch (a tensor, a mapping or a sequence of tensors, samples along dim 0) into micro-chunks.
 
+    :func:`hf_batchsched.probes._utils.split_batch` with its arguments checked: tensors whose first dimension is
+    the sample count are sliced, other values go to every chunk.
+
     >>> [chunk["x"].tolist() for chunk in split_batch({"x": torch.arange(5)}, 2)]
     [[0, 1], [2, 3], [4]]
     """
     check_positive("micro_batch_size", micro_batch_size)
-    if isinstance(batch, torch.Tensor):
-        return list(torch.split(batch, micro_batch_size))
-    if isinstance(batch, Mapping):
-        keys = list(batch)
-        pieces = [torch.split(batch[key], micro_batch_size) for key in keys]
-        return [dict(zip(keys, chunk)) for chunk in zip(*pieces)]
-    if isinstance(batch, Sequence):
-        pieces = [torch.split(value, micro_batch_size) for value in batch]
-        return [type(batch)(chunk) if isinstance(batch, tuple) else list(chunk) for chunk in zip(*pieces)]
-    raise ConfigError(f"cannot split a batch of type {type(batch).__name__}; pass a tensor, a dict or a tuple")
-
-
-def _num_samples(chunk) -> int:
-    if isinstance(chunk, torch.Tensor):
-        return chunk.shape[0]
-    first = next(iter(chunk.values())) if isinstance(chunk, Mapping) else chunk[0]
-    return first.shape[0]
+    if batch_rows(batch) is None:
+        raise ConfigError(
+            f"cannot split a batch of type {type(batch).__name__} with no tensor of samples; pass a tensor, a dict or "
+            "a tuple of tensors with the samples along dimension 0"
+        )
+    return _split_batch(batch, micro_batch_size)
 
 
 def estimate_noise_scale(
@@ -286,7 +280,7 @@ def estimate_noise_scale(
     (16, 64, True, True)
     """
     chunks = split_batch(batch, micro_batch_size)
-    sizes = [_num_samples(chunk) for chunk in chunks]
+    sizes = [batch_rows(chunk) for chunk in chunks]
     total = sum(sizes)
     if len(chunks) < 2:
         raise ConfigError(

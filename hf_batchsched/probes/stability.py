@@ -10,7 +10,8 @@ keeps them flat. The functions here measure exactly that, cheaply:
 - ``bn_profile(model)``: the same profile with no forward pass, read from BN running statistics
   (``sqrt(running_var + running_mean**2)`` is the RMS of each BN layer's input).
 - ``block_grad_norms(model, blocks)``: gradient L2 norm per block.
-- ``LossSpikeDetector``: flags a loss that jumps above ``threshold`` times the 90th percentile of a running window.
+- ``SpikeDetector``: rolling-window spike test (z-score), the one detector of the package; ``LossSpikeDetector``
+  is its variant that flags a loss above ``threshold`` times the 90th percentile of the window.
 
 Blocks are found by ``find_blocks``: the most frequent non-container module class with children (decoder
 layers of an LLM, conv layers of a ResNet), or the most frequent class of parameterised leaves (a plain MLP).
@@ -19,21 +20,23 @@ layers of an LLM, conv layers of a ResNet), or the most frequent class of parame
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from hf_batchsched.errors import ConfigError, check_positive
-from hf_batchsched.probes.batchnorm import _model_device, _to_device, batchnorm_modules, default_forward
+from hf_batchsched.probes._utils import default_forward, model_device, to_device
+from hf_batchsched.probes.batchnorm import batchnorm_modules
 
 __all__ = [
     "DepthProfile",
     "ActivationRecorder",
     "LossSpikeDetector",
+    "SpikeDetector",
     "activation_profile",
     "block_grad_norms",
     "bn_profile",
@@ -269,7 +272,7 @@ def activation_profile(
     """
     blocks = find_blocks(model) if blocks is None else blocks
     forward_fn = default_forward if forward_fn is None else forward_fn
-    device = _model_device(model)
+    device = model_device(model)
     saved = [
         (buffer, buffer.clone())
         for _, bn in batchnorm_modules(model)
@@ -279,7 +282,7 @@ def activation_profile(
     recorder = ActivationRecorder(blocks)
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), recorder:
-            forward_fn(model, _to_device(batch, device))
+            forward_fn(model, to_device(batch, device))
     finally:
         with torch.no_grad():
             for buffer, copy in saved:
@@ -331,7 +334,7 @@ def block_grad_norms(model: nn.Module, blocks: list[tuple[str, nn.Module]]) -> t
     (['0', '1'], [3.0, 4.0, 5.0])
     """
 
-    device = _model_device(model)
+    device = model_device(model)
     owner = {id(p): index for index, (_, module) in enumerate(blocks) for p in module.parameters()}
     grads, slots = [], []
     for p in model.parameters():
@@ -346,20 +349,110 @@ def block_grad_norms(model: nn.Module, blocks: list[tuple[str, nn.Module]]) -> t
     return [name for name, _ in blocks], totals.sqrt()
 
 
-@dataclass
-class LossSpikeDetector:
-    """Flags a loss that jumps above ``threshold`` times the 90th percentile of the last ``window`` normal losses.
+class SpikeDetector:
+    """Rolling-window spike detector: the one implementation behind ``SpikeGuardCallback`` and the stability monitor.
 
-    The reference is the window's upper decile, not its median, because per-batch losses are heavy-tailed once a
+    ``observe(x)`` returns ``(is_spike, score)``. The score compares ``x`` with a reference computed from the last
+    ``window`` accepted values; here the z-score ``(x - mean) / std`` (population std, mean as reference).
+    :class:`LossSpikeDetector` swaps in a ratio to the window's upper decile. A value is a spike when, with at least
+    ``min_history`` values held, ``score > sigma`` and ``x - reference > min_delta``; a non-finite ``x`` is always a
+    spike (score ``inf``). Spikes are counted (``spikes``) and not added to the window, so one outlier does not widen
+    it and hide the next. Below ``min_history`` values the score is ``0.0`` (z-score) or ``nan`` (ratio).
+
+    Args:
+        window (`int`, *optional*, defaults to `128`): accepted values kept.
+        sigma (`float`, *optional*, defaults to `6.0`): score above which a value is a spike.
+        min_history (`int`, *optional*, defaults to `20`): values needed before a score is computed.
+        min_delta (`float`, *optional*, defaults to `0.0`): smallest absolute rise above the reference that counts.
+
+    Example:
+
+    >>> detector = SpikeDetector(window=8, sigma=3.0, min_history=4)
+    >>> [detector.observe(x)[0] for x in (1.0, 1.1, 0.9, 1.0, 1.05, 5.0, 1.0, float("nan"))]
+    [False, False, False, False, False, True, False, True]
+    >>> round(detector.observe(1.2)[1], 3), detector.spikes  # (1.2 - mean) / std of the 7 accepted values
+    (3.159, 3)
+    """
+
+    #: score while fewer than ``min_history`` values are held
+    undefined_score = 0.0
+
+    def __init__(self, window: int = 128, sigma: float = 6.0, min_history: int = 20, min_delta: float = 0.0):
+        check_positive("window", window)
+        check_positive("sigma", sigma)
+        check_positive("min_history", min_history)
+        if not min_delta >= 0:
+            raise ConfigError(f"min_delta must be >= 0 (an absolute rise above the reference), got {min_delta}")
+        if min_history > window:
+            raise ConfigError(
+                f"min_history ({min_history}) cannot exceed window ({window}); lower it or widen the window"
+            )
+        self.window, self.sigma, self.min_history = int(window), float(sigma), int(min_history)
+        self.min_delta = float(min_delta)
+        self.values: deque[float] = deque(maxlen=self.window)
+        self.spikes = 0
+        self.last_score = self.undefined_score
+
+    def reference_and_score(self, x: float) -> tuple[float, float]:
+        """``(mean, z-score of x)`` over the window (call with at least one value held)."""
+        n = len(self.values)
+        mean = sum(self.values) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in self.values) / n)
+        return mean, (x - mean) / max(std, 1e-12 * max(abs(mean), 1.0))
+
+    def score(self, x: float) -> float:
+        """The score of ``x`` against the current window, without recording it."""
+        if len(self.values) < self.min_history:
+            return self.undefined_score
+        return self.reference_and_score(float(x))[1]
+
+    def zscore(self, x: float) -> float:
+        """Alias of :meth:`score` (the z-score for this class)."""
+        return self.score(x)
+
+    def observe(self, x: float) -> tuple[bool, float]:
+        """Record ``x``; returns ``(is_spike, score)``."""
+        x = float(x)
+        if not math.isfinite(x):
+            spike, score = True, math.inf
+        elif len(self.values) < self.min_history:
+            spike, score = False, self.undefined_score
+        else:
+            reference, score = self.reference_and_score(x)
+            spike = score > self.sigma and x - reference > self.min_delta
+        self.last_score = score
+        if spike:
+            self.spikes += 1
+        else:
+            self.values.append(x)
+        return spike, score
+
+    def update(self, x: float) -> bool:
+        """Record ``x``; ``True`` if it is a spike."""
+        return self.observe(x)[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"values": list(self.values), "spikes": self.spikes, "last_score": self.last_score}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        values = state.get("values", state.get("history", []))  # "history": LossSpikeDetector's former key
+        self.values = deque((float(v) for v in values), maxlen=self.window)
+        self.spikes = int(state.get("spikes", 0))
+        self.last_score = float(state.get("last_score", state.get("last_ratio", self.undefined_score)))
+
+
+class LossSpikeDetector(SpikeDetector):
+    """:class:`SpikeDetector` scoring a loss as its ratio to the 90th percentile of the last ``window`` losses.
+
+    The reference is the window's upper decile, not its mean, because per-batch losses are heavy-tailed once a
     task is nearly solved (median 0.02 with batches at 0.3 is noise, not divergence). The jump must also exceed
-    the reference by ``min_delta`` in absolute terms. A non-finite loss is always a spike. Spikes do not enter
-    the window, so a run that keeps diverging keeps being flagged. Assumes a positive loss (cross-entropy);
-    ratios are skipped while the reference is not positive. Bjorck et al. call a step divergent when the loss
+    the reference by ``min_delta`` in absolute terms. Assumes a positive loss (cross-entropy); the ratio is
+    ``nan`` (no spike) while the reference is not positive. Bjorck et al. call a step divergent when the loss
     grows 1000x in one step; ``threshold=3`` catches the onset long before that.
 
     Args:
         window (`int`, *optional*, defaults to `50`): losses kept for the reference percentile.
-        threshold (`float`, *optional*, defaults to `3.0`): ratio to the reference that counts as a spike.
+        threshold (`float`, *optional*, defaults to `3.0`): ratio to the reference that counts as a spike, > 1.
         min_history (`int`, *optional*, defaults to `5`): losses needed before a ratio is computed.
         min_delta (`float`, *optional*, defaults to `0.1`): smallest absolute rise above the reference that counts.
 
@@ -372,48 +465,29 @@ class LossSpikeDetector:
     (2, 0.842)
     """
 
-    window: int = 50
-    threshold: float = 3.0
-    min_history: int = 5
-    min_delta: float = 0.1
-    history: list[float] = field(default_factory=list)
-    spikes: int = 0
-    last_ratio: float = math.nan
+    undefined_score = math.nan
 
-    def __post_init__(self) -> None:
-        check_positive("window", self.window)
-        check_positive("min_history", self.min_history)
-        if not self.threshold > 1:
-            raise ConfigError(f"threshold must be > 1 (a ratio to the reference loss), got {self.threshold}")
-        if not self.min_delta >= 0:
-            raise ConfigError(f"min_delta must be >= 0 (an absolute loss rise), got {self.min_delta}")
-        if self.min_history > self.window:
-            raise ConfigError(f"min_history ({self.min_history}) must be <= window ({self.window})")
+    def __init__(self, window: int = 50, threshold: float = 3.0, min_history: int = 5, min_delta: float = 0.1):
+        if not threshold > 1:
+            raise ConfigError(f"threshold must be > 1 (a ratio to the reference loss), got {threshold}")
+        super().__init__(window=window, sigma=threshold, min_history=min_history, min_delta=min_delta)
 
-    def update(self, loss: float) -> bool:
-        """Record one step's loss; `True` if it is a spike."""
-        if not math.isfinite(loss):
-            self.spikes += 1
-            self.last_ratio = math.inf
-            return True
-        spike = False
-        self.last_ratio = math.nan
-        if len(self.history) >= self.min_history:
-            reference = sorted(self.history)[int(0.9 * (len(self.history) - 1))]
-            if reference > 0:
-                self.last_ratio = loss / reference
-                spike = self.last_ratio > self.threshold and loss - reference > self.min_delta
-        if spike:
-            self.spikes += 1
-        else:
-            self.history.append(float(loss))
-            del self.history[: -self.window]
-        return spike
+    def reference_and_score(self, x: float) -> tuple[float, float]:
+        """``(90th percentile of the window, x / it)``; the ratio is ``nan`` when the percentile is not positive."""
+        reference = sorted(self.values)[int(0.9 * (len(self.values) - 1))]
+        return reference, (x / reference if reference > 0 else math.nan)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "spikes": self.spikes, "last_ratio": self.last_ratio}
+    @property
+    def threshold(self) -> float:
+        """The ratio above which a loss is a spike (``sigma`` of the base class)."""
+        return self.sigma
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.history = [float(v) for v in state.get("history", [])][-self.window :]
-        self.spikes = int(state.get("spikes", 0))
-        self.last_ratio = float(state.get("last_ratio", math.nan))
+    @property
+    def history(self) -> list[float]:
+        """The accepted losses in the window, oldest first."""
+        return list(self.values)
+
+    @property
+    def last_ratio(self) -> float:
+        """The ratio of the last observed loss (``nan`` before ``min_history``, ``inf`` for a non-finite loss)."""
+        return self.last_score
