@@ -37,9 +37,9 @@ class LRMonitorCallback(TrainerCallback):
     Args:
         trainer (`transformers.Trainer`): the trainer whose optimizer is monitored.
 
-    Example:
+    Example::
 
-    >>> trainer.add_callback(LRMonitorCallback(trainer))  # doctest: +SKIP
+        trainer.add_callback(LRMonitorCallback(trainer))
     """
 
     def __init__(self, trainer):

@@ -231,10 +231,10 @@ class PlateauCallback(TrainerCallback):
     Raises ``ConfigError`` at init when evaluation is off or an argument is invalid, and at the first evaluation
     when ``metric`` is not among the evaluation metrics (the message lists them).
 
-    Example:
+    Example::
 
-    >>> from hf_batchsched.callbacks import PlateauCallback  # doctest: +SKIP
-    >>> trainer.add_callback(PlateauCallback(trainer, metric="eval_loss", factor=0.5, patience=2))  # doctest: +SKIP
+        from hf_batchsched.callbacks import PlateauCallback
+        trainer.add_callback(PlateauCallback(trainer, metric="eval_loss", factor=0.5, patience=2))
     """
 
     STATE_KEY = "hf_batchsched.PlateauCallback"

@@ -122,9 +122,9 @@ class SpikeGuardCallback(TrainerCallback):
         min_lr_ratio (`float`, *optional*, defaults to `0.01`): floor of the cumulative cut (relative).
         check_grad_norm (`bool`, *optional*, defaults to `True`): also z-test the gradient norm.
 
-    Example:
+    Example::
 
-    >>> trainer.add_callback(SpikeGuardCallback(trainer, action="skip_and_cut"))  # doctest: +SKIP
+        trainer.add_callback(SpikeGuardCallback(trainer, action="skip_and_cut"))
     """
 
     STATE_KEY = "hf_batchsched.SpikeGuardCallback"
