@@ -9,6 +9,8 @@ a tiny model for 4 steps with ``logging_steps=1`` and the callback logging on (s
 
 from __future__ import annotations
 
+import pathlib
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -29,6 +31,21 @@ from hf_batchsched.testing import digits_image_dataset, synthetic_lm_dataset, ti
 from hf_batchsched.trainer import BatchRampTrainer
 
 MAX_STEPS = 4
+README = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+PREFIXES = ("batchsched/", "sharpness/", "bn/", "stability/", "lr/", "guard/")
+
+
+def undocumented(keys) -> list[str]:
+    """Logged metric names the README does not document (per-layer names match a `prefix/<placeholder>` row)."""
+    missing = []
+    for key in keys:
+        if not key.startswith(PREFIXES) or f"`{key}`" in README:
+            continue
+        head, _, tail = key.rpartition("/")
+        stem = re.sub(r"\d+$", "<", key)
+        if f"`{head}/<" not in README and not (stem.endswith("<") and f"`{stem}" in README):
+            missing.append(key)
+    return sorted(set(missing))
 
 
 def _args(tmp_path, **overrides) -> TrainingArguments:
@@ -123,6 +140,9 @@ def test_trainer_loss_survives_callback_logging(name, tmp_path):
     assert all("learning_rate" in entry and "grad_norm" in entry for entry in train_logs)
     callback_steps = sorted({entry["step"] for entry in history if key in entry})
     assert set(expected_steps) <= set(callback_steps), f"{key} missing at some of steps {expected_steps}: {history}"
+    logged = {k for entry in history for k in entry}
+    assert key in logged
+    assert not undocumented(logged), f"metric names missing from the README's tables: {undocumented(logged)}"
 
 
 def test_log_metrics_restores_a_pending_log_flag():

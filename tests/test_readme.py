@@ -58,3 +58,22 @@ def test_relative_links_and_shipped_paths_exist():
     missing = sorted({p for p in links + paths if not (ROOT / p).exists()})
     assert len(links) + len(paths) >= 10
     assert not missing, f"README points at files that do not exist: {missing}"
+
+
+def _github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives the headings: lower case, punctuation dropped, spaces to '-', repeats numbered."""
+    anchors, seen = set(), {}
+    text = re.sub(r"```.*?```", "", markdown, flags=re.S)
+    for heading in re.findall(r"^#{1,6} (.+)$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def test_internal_anchor_links_resolve():
+    targets = re.findall(r"\]\(#([^)]+)\)", README)
+    assert len(targets) >= 10
+    missing = sorted(set(targets) - _github_anchors(README))
+    assert not missing, f"README links to headings that do not exist: {missing}"
