@@ -1,19 +1,24 @@
-"""The offline demo: a LoRA fine-tune of a small Llama on text that ships with Python, with no network.
+"""The offline demo: a LoRA fine-tune of a small pretrained Llama on text that ships with Python, with no network.
 
-``hf-batchsched demo`` runs the bundled recipe (``hf_batchsched.recipe``) with ``DEMO_CONFIG``, the same
-settings as ``recipes/configs/demo_cpu.yaml``:
+``hf-batchsched demo`` runs two stages:
 
-- **Text**: the docstrings of about a hundred pure-Python standard-library modules (``argparse``, ``json``,
-  ``pathlib``, ...), read from their source files with ``ast`` (nothing is imported). Whole modules are held
-  out for evaluation, so the eval loss measures how well the model writes Python-documentation English it has
-  not seen, not memorisation.
-- **Tokenizer**: a byte-level BPE (``tokenizers``) trained on the training split, cached under the cache
-  directory (``$HF_BATCHSCHED_CACHE`` or ``~/.cache/hf_batchsched``), keyed by a hash of its training text.
-- **Model**: a fresh ``LlamaForCausalLM`` (hidden 128, 2 layers, 4 heads), adapted with LoRA on every linear
-  layer plus trainable embeddings and output head (``modules_to_save``): a LoRA fine-tune of a model that
-  starts from scratch, so the eval loss starts at about ``ln(vocab_size)``.
-- **Training**: a batch-size ramp (8 -> 32 samples per step, micro-batch 8), an LR policy on the samples
-  clock, the sharpness probe, TensorBoard event files, PNG plots and a one-screen summary.
+1. **Base model** (``demo_base_model``): a fresh ``LlamaForCausalLM`` (``demo_model``: hidden 128, 2 layers,
+   4 heads, 0.46 M parameters) trained in full on Python's language reference (``base_corpus``: the
+   ``pydoc_data/topics.py`` texts that ``help()`` shows, 0.46 MB) for ``BASE_TRAINING`` (600 steps of 16 x 64
+   tokens, about 25 s on one CPU thread), then saved with ``save_pretrained`` under the cache directory
+   (``$HF_BATCHSCHED_CACHE`` or ``~/.cache/hf_batchsched``), keyed by a hash of its settings, text, tokenizer and
+   torch/transformers versions: later runs load it in a second or two.
+2. **Fine-tune**: the bundled recipe (``hf_batchsched.recipe``) with ``DEMO_CONFIG`` (the same settings as
+   ``recipes/configs/demo_cpu.yaml``) and ``model_name_or_path`` pointing at the base: LoRA r=16 on every linear
+   layer (70 K trainable of 529 K parameters; embeddings and head stay frozen) on a different text, the docstrings
+   of about a hundred pure-Python standard-library modules (``stdlib_corpus``, read with ``ast``, nothing
+   imported). Whole modules are held out, so the eval loss measures how well the model writes
+   Python-documentation English it has not seen. Training has a batch-size ramp (8 -> 32 samples per step,
+   micro-batch 8), an LR policy on the samples clock, the sharpness probe, TensorBoard event files, PNG plots and
+   a one-screen summary with the base model's eval loss, the fine-tuned one and the drop.
+
+Both stages share one byte-level BPE (``demo_tokenizer``, 512 tokens) trained on the base text plus the
+fine-tuning split, also cached.
 
 Example:
 
@@ -32,17 +37,24 @@ import copy
 import functools
 import hashlib
 import importlib.util
+import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "BASE_TRAINING",
+    "BASE_TRAINING_FAST",
     "DEMO_CONFIG",
     "DEMO_MODULES",
     "DemoResult",
+    "base_corpus",
     "cache_dir",
+    "demo_base_model",
     "demo_corpus",
     "demo_model",
     "demo_tokenizer",
@@ -79,7 +91,6 @@ DEMO_CONFIG: dict = {
     "lora_alpha": 32,
     "lora_dropout": 0.0,
     "lora_target_modules": ["all-linear"],
-    "lora_modules_to_save": ["embed_tokens", "lm_head"],
     "max_seq_length": 64,
     "output_dir": "outputs/demo",
     "num_train_epochs": 1,
@@ -110,8 +121,26 @@ DEMO_CONFIG: dict = {
 }
 
 
+# Stage 1, the base model: full training of ``demo_model`` on Python's language reference (``base_corpus``) with
+# AdamW, linear warmup then cosine decay, batches of random 64-token windows. The budget is about 25 s on one CPU
+# thread; ``--fast`` uses BASE_TRAINING_FAST (its own cache entry). Part of the base model's cache key.
+BASE_TRAINING: dict = {
+    "steps": 600,
+    "batch_size": 16,
+    "seq_length": 64,
+    "learning_rate": 3e-3,
+    "warmup_steps": 30,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "vocab_size": 512,
+    "seed": 0,
+}
+BASE_TRAINING_FAST: dict = {**BASE_TRAINING, "steps": 60}
+
+
 def cache_dir() -> Path:
-    """Where the demo caches its tokenizer: ``$HF_BATCHSCHED_CACHE``, else ``~/.cache/hf_batchsched``."""
+    """Where the demo caches its tokenizer and base model: ``$HF_BATCHSCHED_CACHE``, else
+    ``~/.cache/hf_batchsched``."""
     return Path(os.environ.get("HF_BATCHSCHED_CACHE", Path.home() / ".cache" / "hf_batchsched")).expanduser()
 
 
@@ -164,6 +193,32 @@ def demo_corpus(eval_every: int = 8) -> tuple[list[str], list[str]]:
     for index, text in enumerate(stdlib_corpus().values()):
         (held_out if index % eval_every == eval_every - 1 else train).extend(text.split("\n\n"))
     return train, held_out
+
+
+@functools.lru_cache(maxsize=1)
+def base_corpus() -> tuple[str, ...]:
+    """The base model's text: the topics of Python's language reference that ``help()`` shows (``pydoc_data.topics``,
+    about 0.46 MB with Python 3.11), read from the source file with ``ast`` (nothing is imported).
+
+    Returns:
+        `tuple[str, ...]`: one text per topic (``"assert"``, ``"for"``, ``"numbers"``, ...), in file order.
+
+    Raises:
+        `ConfigError`: when this Python build ships no ``pydoc_data/topics.py``.
+    """
+    from .errors import ConfigError
+
+    spec = importlib.util.find_spec("pydoc_data.topics")
+    origin = getattr(spec, "origin", None)
+    if not origin or not origin.endswith(".py"):
+        raise ConfigError(
+            "the demo's base model trains on pydoc_data/topics.py, which this Python build lacks; "
+            "install the full standard library (e.g. Debian's libpython3-stdlib) to run the demo"
+        )
+    for node in ast.parse(Path(origin).read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "topics" for t in node.targets):
+            return tuple(str(text) for text in ast.literal_eval(node.value).values())
+    raise ConfigError(f"{origin} holds no 'topics' dict; the demo cannot build its base model")
 
 
 def demo_tokenizer(texts: list[str], vocab_size: int = 512, directory: str | Path | None = None):
@@ -221,9 +276,123 @@ def demo_model(vocab_size: int, seed: int = 0, attn_implementation: str | None =
     )
 
 
+def _base_key(settings: dict, tokenizer, texts: tuple[str, ...]) -> str:
+    import torch
+    import transformers
+
+    model_config = demo_model(len(tokenizer)).config.to_json_string(use_diff=False)
+    parts = [
+        json.dumps(settings, sort_keys=True),
+        model_config,
+        tokenizer.backend_tokenizer.to_str(),
+        hashlib.sha256("\0".join(texts).encode()).hexdigest(),
+        torch.__version__,
+        transformers.__version__,
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _train_base(model, tokenizer, texts: tuple[str, ...], settings: dict) -> dict:
+    """Train all of ``model`` on ``texts`` (joined with EOS, random ``seq_length`` windows); returns stats."""
+    import torch
+
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    length, steps = settings["seq_length"], settings["steps"]
+    stream = torch.tensor(ids, dtype=torch.long)
+    generator = torch.Generator().manual_seed(settings["seed"])
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=settings["learning_rate"], weight_decay=settings["weight_decay"]
+    )
+    warmup = settings["warmup_steps"]
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)),
+    )
+    model.train()
+    start, losses = time.perf_counter(), []
+    for _ in range(steps):
+        offsets = torch.randint(len(stream) - length, (settings["batch_size"],), generator=generator)
+        batch = torch.stack([stream[o : o + length] for o in offsets.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings["max_grad_norm"])
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    tail = losses[-max(1, steps // 10) :]
+    return {
+        "steps": steps,
+        "tokens": len(ids),
+        "train_loss_start": losses[0] if losses else None,
+        "train_loss_end": sum(tail) / len(tail) if tail else None,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def demo_base_model(fast: bool = False, directory: str | Path | None = None) -> tuple[Path, bool]:
+    """Stage 1 of the demo: the base model, ``demo_model`` trained in full on ``base_corpus()`` and cached.
+
+    The tokenizer (``demo_tokenizer``, 512 tokens) is trained on the base text plus the demo's training docstrings,
+    so both stages share it. The result is saved with ``save_pretrained`` (model, tokenizer and
+    ``base_training.json`` with its settings and losses) under ``<cache>/demo-base-<key>``, where the key hashes the
+    training settings, model config, tokenizer, text and torch/transformers versions: later calls load it instead
+    of training. The directory is written whole, then renamed into place, so a concurrent reader sees all or
+    nothing. Training is seeded and runs on one CPU thread (about 25 s for ``BASE_TRAINING``), so it is repeatable.
+
+    Args:
+        fast (`bool`, *optional*, defaults to `False`): use ``BASE_TRAINING_FAST`` (60 steps) instead of
+            ``BASE_TRAINING`` (600 steps); the two are cached separately.
+        directory (`str` or `Path`, *optional*): the cache root; defaults to ``cache_dir()``.
+
+    Returns:
+        `tuple[Path, bool]`: the directory to pass as ``model_name_or_path``, and whether this call trained it
+        (`False`: loaded from the cache).
+    """
+    import torch
+
+    settings = dict(BASE_TRAINING_FAST if fast else BASE_TRAINING)
+    texts = base_corpus()
+    root = Path(directory or cache_dir())
+    tokenizer = demo_tokenizer(list(texts) + demo_corpus()[0], vocab_size=settings["vocab_size"], directory=root)
+    path = root / f"demo-base-{_base_key(settings, tokenizer, texts)}"
+    if (path / "base_training.json").exists():
+        return path, False
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".demo-base-", dir=root))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # one thread: steady on a busy machine, where two can stall each other
+        with torch.random.fork_rng():
+            torch.manual_seed(settings["seed"])
+            model = demo_model(len(tokenizer), seed=settings["seed"])
+            stats = _train_base(model, tokenizer, texts, settings)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        info = {"settings": settings, "corpus": "pydoc_data/topics.py", **stats}
+        (staging / "base_training.json").write_text(json.dumps(info, indent=2) + "\n")
+        try:
+            staging.rename(path)
+        except OSError:  # another process finished first: keep its copy
+            if not (path / "base_training.json").exists():
+                raise
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(staging, ignore_errors=True)
+    return path, True
+
+
 @dataclass
 class DemoResult:
-    """What the demo did: the numbers of its summary and where its files are."""
+    """What the demo did: the numbers of its summary and where its files are.
+
+    ``eval_loss_start`` is the base model's eval loss on the held-out docstrings before fine-tuning,
+    ``eval_loss_end`` the fine-tuned model's; ``wall_time_s`` covers stage 2 (fine-tune), ``base_time_s`` stage 1
+    (training the base model, or loading it from the cache).
+    """
 
     eval_loss_start: float
     eval_loss_end: float
@@ -236,6 +405,10 @@ class DemoResult:
     plots: list[str] = field(default_factory=list)
     trainable_parameters: int = 0
     total_parameters: int = 0
+    base_model_dir: str | None = None
+    base_trained: bool = False
+    base_steps: int = 0
+    base_time_s: float = 0.0
 
     @property
     def eval_loss_drop(self) -> float:
@@ -315,17 +488,29 @@ def plot_history(log_history: list[dict], output_dir: str | Path) -> list[str]:
 def format_summary(result: DemoResult) -> str:
     """The demo's one-screen summary."""
     sizes = sorted(set(result.batch_sizes))
+    share = result.trainable_parameters / result.total_parameters if result.total_parameters else 0.0
+    if result.base_model_dir is None:
+        base = "n/a"
+    else:
+        how = "trained now" if result.base_trained else "loaded from cache"
+        base = f"{result.base_steps} steps of full training on Python's language reference, {how}"
+        base += f" ({result.base_time_s:.1f} s)"
     lines = [
-        "hf-batchsched demo: LoRA fine-tune of a small Llama on Python standard-library docstrings",
-        f"  eval loss         {result.eval_loss_start:.3f} -> {result.eval_loss_end:.3f}"
-        f"  ({100 * result.eval_loss_drop:.1f}% lower)",
+        "hf-batchsched demo: LoRA fine-tune of a pretrained small Llama on Python standard-library docstrings",
+        f"  base model        {base}",
+        f"  eval loss         base {result.eval_loss_start:.3f} -> fine-tuned {result.eval_loss_end:.3f}",
+        f"  eval loss drop    {result.eval_loss_start - result.eval_loss_end:.3f}"
+        f" ({100 * result.eval_loss_drop:.1f}% lower)",
         f"  optimizer steps   {result.optimizer_steps}",
         f"  samples seen      {result.samples_seen}",
         f"  batch sizes used  {', '.join(map(str, sizes)) if sizes else 'n/a'}",
-        f"  parameters        {result.trainable_parameters:,} trainable of {result.total_parameters:,}",
-        f"  wall time         {result.wall_time_s:.1f} s",
+        f"  parameters        {result.trainable_parameters:,} trainable (LoRA) of {result.total_parameters:,}"
+        f" ({100 * share:.1f}%)",
+        f"  wall time         {result.wall_time_s:.1f} s fine-tuning",
         f"  output            {result.output_dir}",
     ]
+    if result.base_model_dir is not None:
+        lines.insert(2, f"  base model dir    {result.base_model_dir}")
     if result.tensorboard_dir:
         lines.append(f"  tensorboard       tensorboard --logdir {result.tensorboard_dir}")
     if result.plots:
@@ -340,20 +525,27 @@ def run_demo(
     overrides: dict | None = None,
     show_progress: bool = True,
 ) -> DemoResult:
-    """Run the demo: ``DEMO_CONFIG`` through the recipe, evaluate before and after, plot, summarise.
+    """Run the demo: the base model (``demo_base_model``, trained or loaded from the cache), then ``DEMO_CONFIG``
+    through the recipe with ``model_name_or_path`` set to it; evaluate before and after, plot, summarise.
 
     Args:
         output_dir (`str` or `Path`, *optional*, defaults to `"outputs/demo"`): where checkpoints-free outputs go:
             TensorBoard events (``runs/``), plots (``plots/``), the LoRA adapter (``adapter/``), ``summary.txt``.
         max_steps (`int`, *optional*): cap on optimizer steps (a reduced budget).
-        fast (`bool`, *optional*, defaults to `False`): the CI budget: 40 steps, a short eval, the ramp and
-            probe scaled down so each still acts.
+        fast (`bool`, *optional*, defaults to `False`): the CI budget: a 60-step base model (``BASE_TRAINING_FAST``),
+            40 fine-tuning steps, a short eval, the ramp and probe scaled down so each still acts.
         overrides (`dict`, *optional*): further recipe settings (any key of the recipe's config).
         show_progress (`bool`, *optional*, defaults to `True`): show the Trainer's progress bar.
     """
     from .recipe import build_trainer, load_data, load_model_and_tokenizer, parse_config
 
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    base_start = time.perf_counter()
+    base_dir, base_trained = demo_base_model(fast=fast)
+    base_time = time.perf_counter() - base_start
+    base_info = json.loads((base_dir / "base_training.json").read_text())
     config = copy.deepcopy(DEMO_CONFIG)
+    config["model_name_or_path"] = str(base_dir)
     config["output_dir"] = str(output_dir)
     config["disable_tqdm"] = not show_progress
     if fast:
@@ -368,6 +560,9 @@ def run_demo(
     config.update(overrides or {})
     args = parse_config(config)
     start = time.perf_counter()
+    from transformers import set_seed
+
+    set_seed(args.training.seed)  # the LoRA init draws from the global RNG before the Trainer seeds it
     model, tokenizer = load_model_and_tokenizer(args)
     train_dataset, eval_dataset = load_data(args, tokenizer)
     trainer = build_trainer(args, model, tokenizer, train_dataset, eval_dataset)
@@ -391,6 +586,10 @@ def run_demo(
         plots=plots,
         trainable_parameters=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         total_parameters=sum(p.numel() for p in trainer.model.parameters()),
+        base_model_dir=str(base_dir),
+        base_trained=base_trained,
+        base_steps=int(base_info["steps"]),
+        base_time_s=base_time,
     )
     (Path(output_dir) / "summary.txt").write_text(format_summary(result) + "\n")
     return result
