@@ -27,7 +27,13 @@ from hf_batchsched.callbacks import (
     StabilityMonitorCallback,
 )
 from hf_batchsched.callbacks._logging import log_metrics
-from hf_batchsched.testing import digits_image_dataset, synthetic_lm_dataset, tiny_llama, tiny_resnet
+from hf_batchsched.testing import (
+    digits_image_dataset,
+    synthetic_lm_dataset,
+    tiny_llama,
+    tiny_resnet,
+    tiny_training_args,
+)
 from hf_batchsched.trainer import BatchRampTrainer
 
 MAX_STEPS = 4
@@ -49,21 +55,7 @@ def undocumented(keys) -> list[str]:
 
 
 def _args(tmp_path, **overrides) -> TrainingArguments:
-    defaults = dict(
-        output_dir=str(tmp_path),
-        max_steps=MAX_STEPS,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    defaults.update(overrides)
-    return TrainingArguments(**defaults)
+    return tiny_training_args(tmp_path, **{"max_steps": MAX_STEPS, "per_device_eval_batch_size": 8, **overrides})
 
 
 def _lm_trainer(tmp_path, **overrides) -> Trainer:

@@ -18,7 +18,7 @@ from hf_batchsched.probes.noise_scale import (
     grad_sq_norm,
     two_batch_estimate,
 )
-from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama
+from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama, tiny_training_args
 from hf_batchsched.trainer import BatchRampTrainer
 
 torch.set_num_threads(1)
@@ -207,20 +207,7 @@ def test_grad_sq_norm_reads_grads_in_fp32_and_skips_missing():
 
 
 def make_args(tmp_path, **overrides) -> TrainingArguments:
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        num_train_epochs=1,
-        learning_rate=1e-3,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    return tiny_training_args(tmp_path, **overrides)
 
 
 def regression_dataset(regression, num_samples: int = 96) -> Dataset:

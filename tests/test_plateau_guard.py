@@ -12,27 +12,13 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from hf_batchsched.callbacks.plateau import PlateauCallback, PlateauTracker, scale_learning_rates
 from hf_batchsched.callbacks.spike_guard import SpikeDetector, SpikeGuardCallback
 from hf_batchsched.errors import ConfigError
-from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama
+from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama, tiny_training_args
 from hf_batchsched.trainer import BatchRampTrainer
 
 
 def make_args(tmp_path, **overrides) -> TrainingArguments:
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
-        max_steps=12,
-        learning_rate=1e-3,
-        lr_scheduler_type="linear",
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    defaults = {"per_device_eval_batch_size": 8, "max_steps": 12, "lr_scheduler_type": "linear"}
+    return tiny_training_args(tmp_path / "out", **{**defaults, **overrides})
 
 
 def make_trainer(tmp_path, trainer_cls=Trainer, model=None, **overrides):

@@ -15,7 +15,7 @@ from hf_batchsched.probes.batchnorm import freeze_bn
 from hf_batchsched.schedules.lr import lr_at, make_lr_policy
 from hf_batchsched.schedules.noise import sgd_noise
 from hf_batchsched.schedules.scheduler import PolicyLRScheduler
-from hf_batchsched.testing import digits_image_dataset, tiny_llama, tiny_resnet
+from hf_batchsched.testing import digits_image_dataset, tiny_llama, tiny_resnet, tiny_training_args
 from hf_batchsched.trainer import BatchRampMixin, BatchRampTrainer, count_batch
 
 torch.set_num_threads(1)
@@ -57,21 +57,8 @@ class RecordingCollator:
 
 
 def make_args(tmp_path, **overrides) -> TrainingArguments:
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        num_train_epochs=1,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        dataloader_pin_memory=False,
-    )
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    defaults = {"per_device_train_batch_size": 8, "dataloader_pin_memory": False}
+    return tiny_training_args(tmp_path, **{**defaults, **overrides})
 
 
 def make_trainer(tmp_path, cls=BatchRampTrainer, dataset=None, **kwargs):
