@@ -1,31 +1,33 @@
 """The offline demo: a LoRA fine-tune of a small pretrained Llama on text that ships with Python, with no network.
 
-``hf-batchsched demo`` runs two stages:
+``hf-batchsched demo`` runs two stages, a domain adaptation from English prose to code:
 
 1. **Base model** (``demo_base_model``): a fresh ``LlamaForCausalLM`` (``demo_model``: hidden 128, 2 layers,
    4 heads, 0.46 M parameters) trained in full on Python's language reference (``base_corpus``: the
-   ``pydoc_data/topics.py`` texts that ``help()`` shows, 0.46 MB) for ``BASE_TRAINING`` (600 steps of 16 x 64
-   tokens, about 25 s on one CPU thread), then saved with ``save_pretrained`` under the cache directory
+   ``pydoc_data/topics.py`` texts that ``help()`` shows, 0.46 MB of English) for ``BASE_TRAINING`` (600 steps of
+   16 x 64 tokens, about 25 s on one CPU thread), then saved with ``save_pretrained`` under the cache directory
    (``$HF_BATCHSCHED_CACHE`` or ``~/.cache/hf_batchsched``), keyed by a hash of its settings, text, tokenizer and
    torch/transformers versions: later runs load it in a second or two.
 2. **Fine-tune**: the bundled recipe (``hf_batchsched.recipe``) with ``DEMO_CONFIG`` (the same settings as
    ``recipes/configs/demo_cpu.yaml``) and ``model_name_or_path`` pointing at the base: LoRA r=16 on every linear
-   layer (70 K trainable of 529 K parameters; embeddings and head stay frozen) on a different text, the docstrings
-   of about a hundred pure-Python standard-library modules (``stdlib_corpus``, read with ``ast``, nothing
-   imported). Whole modules are held out, so the eval loss measures how well the model writes
-   Python-documentation English it has not seen. Training has a batch-size ramp (8 -> 32 samples per step,
-   micro-batch 8), an LR policy on the samples clock, the sharpness probe, TensorBoard event files, PNG plots and
-   a one-screen summary with the base model's eval loss, the fine-tuned one and the drop.
+   layer and the output head (80 K trainable of 539 K parameters; the base weights, embeddings included, stay
+   frozen) on Python source code, that of about a hundred pure-Python standard-library modules
+   (``stdlib_corpus``: read from their files, nothing imported; cut into functions, methods and other top-level
+   statements by ``code_chunks``). Whole modules are held out (every 8th), so the eval loss measures how well the
+   model writes code from modules it has not seen; the training split is a fixed sample of ``DEMO_TRAIN_CHARS``
+   characters (``demo_corpus``), about 5,600 sequences of 64 tokens. Training has a batch-size ramp (8 -> 32
+   samples per step, micro-batch 8), an LR policy on the samples clock, the sharpness probe, TensorBoard event
+   files, PNG plots and a one-screen summary with the base model's eval loss, the fine-tuned one and the drop.
 
 Both stages share one byte-level BPE (``demo_tokenizer``, 512 tokens) trained on the base text plus the
-fine-tuning split, also cached.
+fine-tuning split, so code tokenizes as well as prose; it is cached too.
 
 Example:
 
 >>> corpus = stdlib_corpus(modules=("json", "textwrap"))
 >>> sorted(corpus)
 ['json', 'textwrap']
->>> "JSON" in corpus["json"]
+>>> "def dumps(" in corpus["json"]
 True
 """
 
@@ -51,9 +53,11 @@ __all__ = [
     "BASE_TRAINING_FAST",
     "DEMO_CONFIG",
     "DEMO_MODULES",
+    "DEMO_TRAIN_CHARS",
     "DemoResult",
     "base_corpus",
     "cache_dir",
+    "code_chunks",
     "demo_base_model",
     "demo_corpus",
     "demo_model",
@@ -64,8 +68,8 @@ __all__ = [
     "stdlib_corpus",
 ]
 
-# Pure-Python standard-library modules whose docstrings form the demo's text (about 0.5 MB with Python 3.11).
-# Modules missing from a Python build are skipped.
+# Pure-Python standard-library modules whose source code is the fine-tuning text (4.1 MB with Python 3.11, of which
+# DEMO_TRAIN_CHARS are used). Modules without a .py file in a Python build (frozen or missing) are skipped.
 DEMO_MODULES = (
     "argparse", "ast", "asyncio.base_events", "asyncio.tasks", "base64", "bdb", "bisect", "calendar", "cmd",
     "codecs", "collections", "colorsys", "concurrent.futures._base", "configparser", "contextlib", "copy",
@@ -90,7 +94,7 @@ DEMO_CONFIG: dict = {
     "lora_r": 16,
     "lora_alpha": 32,
     "lora_dropout": 0.0,
-    "lora_target_modules": ["all-linear"],
+    "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
     "max_seq_length": 64,
     "output_dir": "outputs/demo",
     "num_train_epochs": 1,
@@ -137,6 +141,10 @@ BASE_TRAINING: dict = {
 }
 BASE_TRAINING_FAST: dict = {**BASE_TRAINING, "steps": 60}
 
+# Characters of training code the fine-tune reads: a fixed sample of the training modules' pieces (``demo_corpus``),
+# about 5,600 sequences of 64 tokens: one pass is ~400 optimizer steps (~25 s on one CPU thread).
+DEMO_TRAIN_CHARS = 780_000
+
 
 def cache_dir() -> Path:
     """Where the demo caches its tokenizer and base model: ``$HF_BATCHSCHED_CACHE``, else
@@ -144,25 +152,48 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HF_BATCHSCHED_CACHE", Path.home() / ".cache" / "hf_batchsched")).expanduser()
 
 
-def _docstrings(tree: ast.AST) -> list[str]:
-    texts = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            text = ast.get_docstring(node, clean=True)
-            if text and len(text) >= 40:
-                texts.append(text)
-    return texts
+def _definition_start(node: ast.AST) -> int:
+    return min([node.lineno] + [decorator.lineno for decorator in getattr(node, "decorator_list", [])])
+
+
+def code_chunks(source: str) -> list[str]:
+    """Cut Python source into definition-sized pieces: one per top-level statement, with each method of a
+    top-level class a piece of its own. A piece starts at its statement (or its first decorator) and runs to the
+    next one; surrounding blank lines are dropped.
+
+    Args:
+        source (`str`): the text of a Python file.
+
+    Returns:
+        `list[str]`: the pieces, in file order; joined with newlines they give back every non-blank line.
+
+    >>> code_chunks("import os\\n\\nclass A:\\n    x = 1\\n\\n    @property\\n    def f(self):\\n        return 2\\n")
+    ['import os', 'class A:\\n    x = 1', '    @property\\n    def f(self):\\n        return 2']
+    """
+    lines = source.splitlines(keepends=True)
+    starts = {1}
+    for node in ast.parse(source).body:
+        starts.add(_definition_start(node))
+        if isinstance(node, ast.ClassDef):
+            starts.update(
+                _definition_start(member)
+                for member in node.body
+                if isinstance(member, (ast.FunctionDef, ast.AsyncFunctionDef))
+            )
+    cuts = sorted(starts) + [len(lines) + 1]
+    pieces = ("".join(lines[start - 1 : end - 1]).strip("\n") for start, end in zip(cuts, cuts[1:]))
+    return [piece for piece in pieces if piece.strip()]
 
 
 def stdlib_corpus(modules: tuple[str, ...] = DEMO_MODULES) -> dict[str, str]:
-    """The docstrings of each standard-library module in ``modules``, joined per module (source read, not imported).
+    """The Python source of each standard-library module in ``modules``, read from its file (nothing is imported).
 
     Args:
         modules (`tuple[str, ...]`, *optional*, defaults to `DEMO_MODULES`): dotted module names; those without
-            Python source in this interpreter are skipped.
+            a ``.py`` source file in this interpreter (frozen or built-in ones, such as ``os`` on 3.11) are skipped.
 
     Returns:
-        `dict[str, str]`: module name -> its docstrings (module, classes, functions, methods), blank-line separated.
+        `dict[str, str]`: module name -> its source text, in ``modules`` order.
     """
     corpus = {}
     for name in modules:
@@ -171,28 +202,45 @@ def stdlib_corpus(modules: tuple[str, ...] = DEMO_MODULES) -> dict[str, str]:
         except (ImportError, ValueError):
             continue
         origin = getattr(spec, "origin", None)
-        if not origin or not origin.endswith(".py"):
-            continue
-        tree = ast.parse(Path(origin).read_text(encoding="utf-8"))
-        texts = _docstrings(tree)
-        if texts:
-            corpus[name] = "\n\n".join(texts)
+        if origin and origin.endswith(".py"):
+            corpus[name] = Path(origin).read_text(encoding="utf-8")
     return corpus
 
 
+def _digest_order(texts: list[str]) -> list[str]:
+    """A fixed shuffle: sorted by content hash, so it depends on nothing but the texts."""
+    return sorted(texts, key=lambda text: hashlib.sha256(text.encode()).digest())
+
+
 @functools.lru_cache(maxsize=4)
-def demo_corpus(eval_every: int = 8) -> tuple[list[str], list[str]]:
-    """Split ``stdlib_corpus()`` into training and held-out texts by module: every ``eval_every``-th module
-    (in ``DEMO_MODULES`` order) is held out.
+def demo_corpus(eval_every: int = 8, max_train_chars: int | None = DEMO_TRAIN_CHARS) -> tuple[list[str], list[str]]:
+    """The fine-tuning text: ``stdlib_corpus()`` cut into ``code_chunks``, split by module, every
+    ``eval_every``-th module (in ``stdlib_corpus`` order) held out for evaluation.
+
+    Both splits come in a fixed shuffled order (sorted by content hash), so any prefix, such as the recipe's
+    ``max_eval_samples`` sequences, spans many modules. The training split is then cut to its first pieces
+    totalling ``max_train_chars`` characters, a deterministic sample of every training module that keeps the demo
+    short.
+
+    Args:
+        eval_every (`int`, *optional*, defaults to `8`): hold out every ``eval_every``-th module.
+        max_train_chars (`int`, *optional*, defaults to `DEMO_TRAIN_CHARS`): character budget of the training
+            split; `None` keeps all of it (about 3.7 MB with Python 3.11).
 
     Returns:
-        `tuple[list[str], list[str]]`: training texts and evaluation texts (one docstring each); cached, do not
-        modify them.
+        `tuple[list[str], list[str]]`: training pieces and held-out pieces; cached, do not modify them.
     """
     train, held_out = [], []
-    for index, text in enumerate(stdlib_corpus().values()):
-        (held_out if index % eval_every == eval_every - 1 else train).extend(text.split("\n\n"))
-    return train, held_out
+    for index, source in enumerate(stdlib_corpus().values()):
+        (held_out if index % eval_every == eval_every - 1 else train).extend(code_chunks(source))
+    train = _digest_order(train)
+    if max_train_chars is not None:
+        total, keep = 0, 0
+        while keep < len(train) and total < max_train_chars:
+            total += len(train[keep])
+            keep += 1
+        train = train[:keep]
+    return train, _digest_order(held_out)
 
 
 @functools.lru_cache(maxsize=1)
@@ -336,8 +384,8 @@ def _train_base(model, tokenizer, texts: tuple[str, ...], settings: dict) -> dic
 def demo_base_model(fast: bool = False, directory: str | Path | None = None) -> tuple[Path, bool]:
     """Stage 1 of the demo: the base model, ``demo_model`` trained in full on ``base_corpus()`` and cached.
 
-    The tokenizer (``demo_tokenizer``, 512 tokens) is trained on the base text plus the demo's training docstrings,
-    so both stages share it. The result is saved with ``save_pretrained`` (model, tokenizer and
+    The tokenizer (``demo_tokenizer``, 512 tokens) is trained on the base text plus the demo's training code
+    (``demo_corpus()[0]``), so both stages share it. The result is saved with ``save_pretrained`` (model, tokenizer and
     ``base_training.json`` with its settings and losses) under ``<cache>/demo-base-<key>``, where the key hashes the
     training settings, model config, tokenizer, text and torch/transformers versions: later calls load it instead
     of training. The directory is written whole, then renamed into place, so a concurrent reader sees all or
@@ -389,7 +437,7 @@ def demo_base_model(fast: bool = False, directory: str | Path | None = None) -> 
 class DemoResult:
     """What the demo did: the numbers of its summary and where its files are.
 
-    ``eval_loss_start`` is the base model's eval loss on the held-out docstrings before fine-tuning,
+    ``eval_loss_start`` is the base model's eval loss on the held-out modules' code before fine-tuning,
     ``eval_loss_end`` the fine-tuned model's; ``wall_time_s`` covers stage 2 (fine-tune), ``base_time_s`` stage 1
     (training the base model, or loading it from the cache).
     """
@@ -496,7 +544,7 @@ def format_summary(result: DemoResult) -> str:
         base = f"{result.base_steps} steps of full training on Python's language reference, {how}"
         base += f" ({result.base_time_s:.1f} s)"
     lines = [
-        "hf-batchsched demo: LoRA fine-tune of a pretrained small Llama on Python standard-library docstrings",
+        "hf-batchsched demo: LoRA fine-tune of a pretrained small Llama on Python standard-library source code",
         f"  base model        {base}",
         f"  eval loss         base {result.eval_loss_start:.3f} -> fine-tuned {result.eval_loss_end:.3f}",
         f"  eval loss drop    {result.eval_loss_start - result.eval_loss_end:.3f}"
@@ -572,7 +620,12 @@ def run_demo(
     wall = time.perf_counter() - start
     history = trainer.state.log_history
     plots = plot_history(history, Path(output_dir) / "plots")
-    trainer.save_model(str(Path(output_dir) / "adapter"))
+    adapter_dir = Path(output_dir) / "adapter"
+    if hasattr(trainer.model, "peft_config"):  # the adapters only: the head is frozen, the base directory has it
+        trainer.model.save_pretrained(adapter_dir, save_embedding_layers=False)
+        tokenizer.save_pretrained(adapter_dir)
+    else:
+        trainer.save_model(str(adapter_dir))
     samples = [e["batchsched/samples_seen"] for e in history if "batchsched/samples_seen" in e]
     result = DemoResult(
         eval_loss_start=before,

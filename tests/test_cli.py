@@ -36,6 +36,7 @@ BAD_INPUTS = [
     (["plot", "--batch", "0:32", "--no-png"], "give the run's length"),
     (["demo", "--max-steps", "-3"], "--max-steps must be a positive"),
     (["demo", "--max-steps", "two"], "invalid int value: 'two'"),
+    (["demo", "--threads", "0"], "--threads must be at least 1"),
     (["lrbench", "--config", "/nonexistent/lrbench.yaml"], "does not exist"),
     (["range-test", "--start-lr", "-1"], "0 < start_lr < end_lr"),
     (["reproduce", "no-such-paper"], "unknown experiment 'no-such-paper'"),
