@@ -114,7 +114,7 @@ DEMO_CONFIG: dict = {
     },
     "max_micro_batch_size": 8,
     "lr_policy": {"name": "warmup", "unit": "samples", "warmup": 400, "policy": "constant"},
-    "sharpness": {"every_n_steps": 25},
+    "sharpness": {"every_n_steps": 25, "budget": None},
     "eval_strategy": "steps",
     "eval_steps": 50,
     "logging_steps": 5,
@@ -601,7 +601,7 @@ def run_demo(
             max_steps=40, max_eval_samples=64, eval_steps=20, logging_steps=2,
             batch_schedule={"name": "geometric", "unit": "samples", "start": 8, "factor": 2, "milestones": [160, 320],
                             "max_size": 32},
-            sharpness={"every_n_steps": 10},
+            sharpness={"every_n_steps": 10, "budget": None},
         )  # fmt: skip
     if max_steps is not None:
         config["max_steps"] = int(max_steps)

@@ -66,7 +66,13 @@ def _lm_trainer(tmp_path, **overrides) -> Trainer:
 def _sharpness(tmp_path):
     trainer = _lm_trainer(tmp_path)
     callback = SharpnessProbeCallback(
-        trainer, every_n_steps=2, on_evaluate=False, num_probe_samples=4, probe_batch_size=4, num_samples=4
+        trainer,
+        every_n_steps=2,
+        on_evaluate=False,
+        num_probe_samples=4,
+        probe_batch_size=4,
+        num_samples=4,
+        budget=None,
     )
     return trainer, callback, "sharpness/avg", [2, 4]
 

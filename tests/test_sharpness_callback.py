@@ -62,7 +62,13 @@ def test_values_reach_tensorboard_and_checkpoint_state(tmp_path):
         tmp_path, report_to="tensorboard", save_strategy="steps", save_steps=4, lr_scheduler_type="constant"
     )
     callback = SharpnessProbeCallback(
-        trainer, metrics=("avg", "lambda_max"), every_n_steps=2, num_probe_samples=8, probe_batch_size=4, max_steps=3
+        trainer,
+        metrics=("avg", "lambda_max"),
+        every_n_steps=2,
+        num_probe_samples=8,
+        probe_batch_size=4,
+        max_steps=3,
+        budget=None,
     )
     trainer.add_callback(callback)
     trainer.train()
@@ -94,7 +100,7 @@ def test_values_reach_tensorboard_and_checkpoint_state(tmp_path):
 
     # resume: the callback picks its state (probe set, counters) back up from the checkpoint
     resumed_trainer = _trainer(tmp_path, max_steps=6, save_strategy="no")
-    resumed = SharpnessProbeCallback(resumed_trainer, every_n_steps=2, num_probe_samples=8, seed=123)
+    resumed = SharpnessProbeCallback(resumed_trainer, every_n_steps=2, num_probe_samples=8, seed=123, budget=None)
     resumed_trainer.add_callback(resumed)
     resumed_trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     assert resumed.num_probes == 3 and resumed.seed == 0 and resumed.probe_indices == callback.probe_indices
@@ -111,10 +117,22 @@ def test_budget_skips_probes_and_on_evaluate_probes(tmp_path):
     assert [step for step, _ in _probe_logs(trainer)] == [1]
 
     trainer = _trainer(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=8)
-    callback = SharpnessProbeCallback(trainer, every_n_steps=None, on_evaluate=True, num_probe_samples=4)
+    callback = SharpnessProbeCallback(trainer, every_n_steps=None, on_evaluate=True, num_probe_samples=4, budget=None)
     trainer.add_callback(callback)
     trainer.train()
     assert [step for step, _ in _probe_logs(trainer)] == [2, 4]
+
+
+def test_default_budget_caps_probing_at_three_percent(tmp_path):
+    """By default probing may take at most 3% of training time: a probe every step of a tiny run (where one probe
+    costs several training steps) runs once, then is skipped. The margin is large: the share after one probe is
+    tens of percent, not close to 3%."""
+    trainer = _trainer(tmp_path, max_steps=4)
+    callback = SharpnessProbeCallback(trainer, every_n_steps=1, num_probe_samples=4)
+    trainer.add_callback(callback)
+    trainer.train()
+    assert callback.budget == 0.03
+    assert callback.num_probes == 1 and callback.num_skipped == 3
 
 
 def test_state_dict_round_trip(tmp_path):

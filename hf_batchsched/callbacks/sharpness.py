@@ -64,9 +64,10 @@ class SharpnessProbeCallback(TrainerCallback):
             Size of the fixed probe set.
         probe_batch_size (`int`, *optional*, defaults to `8`):
             Samples per probe batch (the unit of memory).
-        budget (`float`, *optional*):
+        budget (`float` or `None`, *optional*, defaults to `0.03`):
             Maximum share of training wall time spent probing, in (0, 1]: a probe is skipped when the previous
-            probe's measured cost would push the share above it.
+            probe's measured cost would push the share above it (the first probe always runs). ``None`` probes at
+            every scheduled point whatever it costs.
         seed (`int`, *optional*, defaults to `0`):
             Seed for choosing the probe set and for the estimators.
         **metric_options:
@@ -94,7 +95,7 @@ class SharpnessProbeCallback(TrainerCallback):
         probe_dataset=None,
         num_probe_samples: int = 16,
         probe_batch_size: int = 8,
-        budget: float | None = None,
+        budget: float | None = 0.03,
         seed: int = 0,
         **metric_options,
     ):
