@@ -1088,6 +1088,27 @@ OVERHEAD_SOURCES: dict[str, tuple[str, list[tuple[str, str, str]], str]] = {
         ],
         "python benchmarks/bench_stability.py",
     ),
+    "demo_task": (
+        "demo_task.json",
+        [
+            (
+                "SharpnessProbeCallback at its defaults on the demo's fine-tune (probe time / train time)",
+                "sharpness.defaults.probe_pct_of_train_median",
+                "%",
+            ),
+            (
+                "same with budget=None (a probe after each of the 9 evaluations)",
+                "sharpness.no_budget.probe_pct_of_train_median",
+                "%",
+            ),
+            (
+                "adaptive batch (8 -> 64, sqrt LR) / fixed 8: updates to the baseline's eval loss (median, 3 seeds)",
+                "adaptive.summary.updates_ratio_median",
+                "x",
+            ),
+        ],
+        "python benchmarks/bench_demo_task.py",
+    ),
 }
 
 
