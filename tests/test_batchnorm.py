@@ -23,7 +23,7 @@ from hf_batchsched.probes.batchnorm import (
     revert_ghost_bn,
     unfreeze_bn,
 )
-from hf_batchsched.testing import digits_image_dataset, tiny_resnet
+from hf_batchsched.testing import digits_image_dataset, tiny_resnet, tiny_training_args
 
 
 def bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -41,24 +41,16 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 
 def training_args(tmp_path, **overrides) -> TrainingArguments:
-    defaults = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=16,
-        per_device_eval_batch_size=32,
-        max_steps=4,
-        learning_rate=0.05,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        dataloader_drop_last=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    defaults.update(overrides)
-    return TrainingArguments(**defaults)
+    defaults = {
+        "per_device_train_batch_size": 16,
+        "max_steps": 4,
+        "learning_rate": 0.05,
+        "optim": "sgd",
+        "lr_scheduler_type": "constant",
+        "dataloader_drop_last": True,
+        "per_device_eval_batch_size": 32,
+    }
+    return tiny_training_args(tmp_path, **{**defaults, **overrides})
 
 
 @pytest.fixture(scope="module")

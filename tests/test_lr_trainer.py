@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from transformers import PrinterCallback, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, TrainerCallback
 
 from hf_batchsched.callbacks.lr_monitor import LRMonitorCallback, param_group_lrs
 from hf_batchsched.clock import TrainingClock
@@ -20,7 +20,7 @@ from hf_batchsched.errors import ConfigError
 from hf_batchsched.schedules.base import Policy
 from hf_batchsched.schedules.lr import LR_POLICIES, group_lrs_at, lr_policy_from_config, make_lr_policy
 from hf_batchsched.schedules.scheduler import PolicyLRScheduler
-from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama
+from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama, tiny_training_args
 from hf_batchsched.trainer import BatchRampTrainer
 
 # A ramp (4 -> 8 samples per step), so the samples clock is not a multiple of the steps clock.
@@ -32,22 +32,9 @@ def ramp(consumed: int) -> int:
 
 
 def make_trainer(tmp_path, lr_policy=None, model=None, optimizers=(None, None), **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=8,
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
-    kwargs.update(overrides)
     trainer = BatchRampTrainer(
         model=model or tiny_llama(seed=0),
-        args=TrainingArguments(**kwargs),
+        args=tiny_training_args(tmp_path / "out", **{"max_steps": 8, **overrides}),
         train_dataset=synthetic_lm_dataset(64, seq_len=8),
         batch_schedule=ramp,
         max_micro_batch_size=4,

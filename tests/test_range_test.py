@@ -10,32 +10,19 @@ import random
 import numpy as np
 import pytest
 import torch
-from transformers import PrinterCallback, Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer
 
 from hf_batchsched.bench.range_test import lr_range_test, range_test_lrs, suggest_lr
 from hf_batchsched.cli import main
 from hf_batchsched.errors import ConfigError
-from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama
+from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama, tiny_training_args
 from hf_batchsched.trainer import BatchRampTrainer
 
 
 def make_trainer(tmp_path, model=None, trainer_cls=Trainer, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=6,
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
-    kwargs.update(overrides)
     trainer = trainer_cls(
         model=model or tiny_llama(seed=0, attention_dropout=0.1),  # dropout: the test consumes RNG
-        args=TrainingArguments(**kwargs),
+        args=tiny_training_args(tmp_path / "out", **{"max_steps": 6, **overrides}),
         train_dataset=synthetic_lm_dataset(32, seq_len=8),
     )
     trainer.remove_callback(PrinterCallback)

@@ -25,27 +25,14 @@ def _lora_model():
 
 
 def _trainer(tmp_path, model=None, dataset="default", **args):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
-    from hf_batchsched.testing import synthetic_lm_dataset
+    from hf_batchsched.testing import synthetic_lm_dataset, tiny_training_args
 
-    defaults = dict(
-        output_dir=str(tmp_path),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    defaults.update(args)
     ds = synthetic_lm_dataset(num_samples=32, seq_len=12) if dataset == "default" else dataset
     return Trainer(
         model=model if model is not None else _lora_model(),
-        args=TrainingArguments(**defaults),
+        args=tiny_training_args(tmp_path, **{"max_steps": 4, **args}),
         train_dataset=ds,
         eval_dataset=ds,
     )

@@ -22,27 +22,25 @@ from hf_batchsched.probes.stability import (
     find_blocks,
     log_rms_slope,
 )
-from hf_batchsched.testing import digits_image_dataset, synthetic_lm_dataset, tiny_llama, tiny_resnet
+from hf_batchsched.testing import (
+    digits_image_dataset,
+    synthetic_lm_dataset,
+    tiny_llama,
+    tiny_resnet,
+    tiny_training_args,
+)
 
 
 def training_args(tmp_path, **overrides) -> TrainingArguments:
-    defaults = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=16,
-        max_steps=4,
-        learning_rate=0.05,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        dataloader_drop_last=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    defaults.update(overrides)
-    return TrainingArguments(**defaults)
+    defaults = {
+        "per_device_train_batch_size": 16,
+        "max_steps": 4,
+        "learning_rate": 0.05,
+        "optim": "sgd",
+        "lr_scheduler_type": "constant",
+        "dataloader_drop_last": True,
+    }
+    return tiny_training_args(tmp_path, **{**defaults, **overrides})
 
 
 @pytest.fixture(scope="module")
