@@ -619,7 +619,9 @@ def run_demo(
     after = trainer.evaluate()["eval_loss"]
     wall = time.perf_counter() - start
     history = trainer.state.log_history
-    plots = plot_history(history, Path(output_dir) / "plots")
+    # the base model's eval loss, measured before train() reset the state, starts the eval-loss curve at 0 samples
+    start_point = {"eval_loss": before, "step": 0, "batchsched/samples_seen": 0}
+    plots = plot_history([start_point, *history], Path(output_dir) / "plots")
     adapter_dir = Path(output_dir) / "adapter"
     if hasattr(trainer.model, "peft_config"):  # the adapters only: the head is frozen, the base directory has it
         trainer.model.save_pretrained(adapter_dir, save_embedding_layers=False)
