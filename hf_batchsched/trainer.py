@@ -38,6 +38,18 @@ Step hooks
   this rank's local accumulation, not yet all-reduced). A gradient-noise-scale estimator reads norms here.
 - ``on_step_batch_end(trainer, step_num_samples)``: after the last chunk of a step (global sample count).
 
+When step hooks are registered, the trainer sets two attributes describing each chunk before it runs:
+
+- ``trainer.current_chunk_num_items``: the items the chunk's loss averages over on this rank: label tokens
+  (non ``-100`` labels, shifted like the model's loss, counted as the Trainer counts ``num_items_in_batch``) when the
+  loss is normalised by ``num_items_in_batch``, else samples;
+- ``trainer.current_chunk_loss_weight``: the factor by which the chunk's mean loss (over those items) enters this
+  rank's accumulated gradient before DDP's average over ranks: ``world · items_chunk / items_step`` for a
+  token-normalised loss (``items_step`` = the Trainer's ``num_items_in_batch``, global with the default
+  ``average_tokens_across_devices=True``; without it the factor is ``items_chunk / items_rank``),
+  ``world · samples_chunk / samples_step`` for a per-example loss. So ``.grad / weight`` after chunk 1 is the
+  gradient of chunk 1's mean loss.
+
 Metrics (added to every training log, so they reach every ``report_to`` integration):
 
 | name | meaning |
@@ -487,12 +499,17 @@ class BatchRampMixin:
             # ResNetForImageClassification take **kwargs (so the Trainer passes it) but return a plain chunk mean,
             # which would make k chunks sum k means.
             num_items_in_batch = None
+        # (items, loss weight) per chunk for the step hooks; only computed when hooks want it (it reads
+        # num_items_in_batch, which syncs with the device)
+        weights = self._chunk_loss_weights(chunks, num_items_in_batch, step_samples) if self._step_hooks else None
         total_loss = None
         for index, chunk in enumerate(chunks):
             chunk_samples = _batch_len(chunk)
             # Per-example normalisation (used by the Trainer when the loss is not normalised by num_items_in_batch):
             # each chunk's mean loss is weighted by its share of the global step batch; DDP then averages ranks.
             self.current_gradient_accumulation_steps = step_samples / (chunk_samples * world_size)
+            if weights is not None:
+                self.current_chunk_num_items, self.current_chunk_loss_weight = weights[index]
             last = index == len(chunks) - 1
             sync = contextlib.nullcontext if last else functools.partial(self.accelerator.no_sync, model=model)
             with sync():
@@ -507,6 +524,44 @@ class BatchRampMixin:
             if hasattr(hook, "on_step_batch_end"):
                 hook.on_step_batch_end(self, step_samples)
         return total_loss
+
+    def _chunk_loss_weights(self, chunks: list[dict], num_items_in_batch, step_samples: int) -> list[tuple]:
+        """``(items, loss weight)`` of each chunk (see "Step hooks" in the module docstring).
+
+        Mirrors how the Trainer's ``training_step``/``compute_loss`` use ``num_items_in_batch``: a loss normalised
+        by it is ``sum(chunk) / N_step``, times the number of processes with ``average_tokens_across_devices`` (then
+        ``N_step`` is global); a per-example loss is the chunk mean divided by ``current_gradient_accumulation_steps``.
+        DDP then averages ranks.
+        """
+        world_size = self.accelerator.num_processes
+        token_normalised = num_items_in_batch is not None and (
+            self.model_accepts_loss_kwargs or self.compute_loss_func is not None
+        )
+        scaled_for_ga = self.loss_is_scaled_for_ga
+        if scaled_for_ga is None:
+            scaled_for_ga = token_normalised or self.compute_loss_func is not None
+        if token_normalised:
+            step_items = float(
+                num_items_in_batch.reshape(-1)[0] if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+            )
+            items_scale = 1
+            if self.args.average_tokens_across_devices:
+                items_scale = world_size // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+        weights = []
+        for chunk in chunks:
+            samples = _batch_len(chunk)
+            if token_normalised:  # label tokens counted like Trainer._get_num_items_in_batch, on the trimmed chunk
+                labels = chunk.get("shift_labels")
+                if labels is None:
+                    labels = chunk["labels"][..., 1:] if self._loss_shifts_labels else chunk["labels"]
+                items = int(labels.ne(-100).sum())
+                weight = items_scale * items / step_items
+            else:
+                items, weight = samples, 1.0
+            if not scaled_for_ga:
+                weight /= step_samples / (samples * world_size)
+            weights.append((items, weight))
+        return weights
 
     # ---- logging -------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

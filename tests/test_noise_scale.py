@@ -4,6 +4,7 @@ and ``NoiseScaleCallback`` inside a real ``BatchRampTrainer.train``."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -370,3 +371,143 @@ def test_split_batch_slices_sample_tensors_and_refuses_what_has_none():
         split_batch("text", 2)
     with pytest.raises(ConfigError, match="micro_batch_size"):
         split_batch(batch, 0)
+
+
+# ---- token-normalised loss on variable-length data ----------------------------------------------------------------
+
+
+def pad_collator(rows: list[dict]) -> dict:
+    """Right-pads ``input_ids`` with 0; ``attention_mask`` 0 and ``labels`` -100 on the pads (as HF LM collators)."""
+    width = max(len(row["input_ids"]) for row in rows)
+    batch = {"input_ids": [], "attention_mask": [], "labels": []}
+    for row in rows:
+        ids, pad = list(row["input_ids"]), width - len(row["input_ids"])
+        batch["input_ids"].append(ids + [0] * pad)
+        batch["attention_mask"].append([1] * len(ids) + [0] * pad)
+        batch["labels"].append(ids + [-100] * pad)
+    return {key: torch.tensor(value) for key, value in batch.items()}
+
+
+TOKEN_TOLERANCE = 1e-4  # float32 model; same math summed in another order, with/without pad columns (seen < 1e-6)
+
+
+def variable_length_lm_data() -> Dataset:
+    generator = torch.Generator().manual_seed(3)
+    lengths = torch.randint(2, 25, (32,), generator=generator).tolist()
+    return Dataset.from_dict(
+        {"input_ids": [torch.randint(3, 128, (n,), generator=generator).tolist() for n in lengths]}
+    )
+
+
+def run_token_normalised(output_dir: str, **args_overrides) -> dict:
+    """Two steps of 16 sequences (each rank's share in 2 chunks) of a tiny Llama at learning rate 0.
+
+    Returns, per step, chunk 1's raw |.grad|², ``current_chunk_loss_weight``/``_num_items``, the non-pad rows of
+    every chunk this rank ran, and the norms the callback fed to its estimator."""
+    model = tiny_llama(seed=0)
+    micro = 8 // max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    trainer = BatchRampTrainer(
+        model=model,
+        args=make_args(
+            output_dir, learning_rate=0.0, lr_scheduler_type="constant", remove_unused_columns=False, **args_overrides
+        ),
+        train_dataset=variable_length_lm_data(),
+        data_collator=pad_collator,
+        batch_schedule=16,
+        max_micro_batch_size=micro,
+    )
+    trainer.remove_callback(PrinterCallback)
+    chunks, chunk1 = [], []
+
+    def record_chunk(module, args, kwargs):
+        chunks.append([ids[mask.bool()].tolist() for ids, mask in zip(kwargs["input_ids"], kwargs["attention_mask"])])
+
+    model.register_forward_pre_hook(record_chunk, with_kwargs=True)
+
+    class Chunk1Probe:  # registered first: runs before the callback's hook
+        def on_micro_chunk_end(self, trainer, chunk_index, num_chunks, chunk_num_samples):
+            if chunk_index == 0:
+                sq = float(grad_sq_norm(p for p in trainer.model.parameters() if p.requires_grad))
+                chunk1.append([sq, trainer.current_chunk_loss_weight, trainer.current_chunk_num_items])
+
+    trainer.add_step_hook(Chunk1Probe())
+    callback = NoiseScaleCallback(trainer, beta=0.5)
+    trainer.add_callback(callback)
+    recorded = []
+    update = callback.estimator.update
+    callback.estimator.update = lambda *args: (recorded.append(list(args)), update(*args))[1]
+    trainer.train()
+    return {"world_size": trainer.args.world_size, "chunk1": chunk1, "chunks": chunks, "updates": recorded}
+
+
+def check_token_normalised(ranks: list[dict]) -> None:
+    """Per step and rank: weight = world · items_chunk1 / items_step (label tokens after the causal shift, global),
+    |.grad|² / weight² = |∇ chunk 1's mean-over-label-tokens loss|² computed directly (each sequence alone, no
+    padding: sum of per-sequence token losses / chunk label tokens); the callback's |G_Bs|² is the rank average;
+    the old sample ratio world · n_chunk / n_step misses by more than 10x the tolerance on this data."""
+    reference = tiny_llama(seed=0)  # lr 0: the trained model keeps these weights
+    world = len(ranks)
+    num_chunks = len(ranks[0]["chunks"]) // 2
+    assert all(len(r["chunk1"]) == len(r["updates"]) == 2 for r in ranks)
+    for step in range(2):
+        step_chunks = [r["chunks"][num_chunks * step : num_chunks * (step + 1)] for r in ranks]
+        step_items = sum(len(row) - 1 for chunks in step_chunks for chunk in chunks for row in chunk)
+        directs = []
+        for rank, chunks in zip(ranks, step_chunks):
+            sq_grad, weight, items = rank["chunk1"][step]
+            rows = [torch.tensor(row)[None] for row in chunks[0]]
+            assert items == sum(row.shape[1] - 1 for row in rows)
+            assert weight == pytest.approx(world * items / step_items, rel=1e-12)
+            reference.zero_grad()
+            total = sum(reference(input_ids=row, labels=row).loss * (row.shape[1] - 1) for row in rows)
+            (total / items).backward()
+            direct = float(grad_sq_norm(reference.parameters()))
+            assert sq_grad / weight**2 == pytest.approx(direct, rel=TOKEN_TOLERANCE)
+            old_weight = world * len(rows) / 16
+            assert abs(sq_grad / old_weight**2 / direct - 1) > 10 * TOKEN_TOLERANCE, (weight, old_weight)
+            directs.append(direct)
+        sq_small, _, b_small, b_big = ranks[0]["updates"][step]
+        assert all(r["updates"][step] == ranks[0]["updates"][step] for r in ranks)
+        assert (b_small, b_big) == (8 // world, 16)
+        assert sq_small == pytest.approx(sum(directs) / world, rel=TOKEN_TOLERANCE)
+
+
+def test_chunk_weight_is_exact_for_token_normalised_variable_length_loss(tmp_path):
+    """Causal-LM loss normalised by ``num_items_in_batch`` on sequences of 2..24 tokens, right-padded, labels -100
+    on pads (``check_token_normalised``). Tolerance 1e-4 (``TOKEN_TOLERANCE``): float32, observed < 1e-6; the old
+    sample-ratio weight is off by 52 % and 11 % on the two steps (chunk 1's token share is not its sample share)."""
+    check_token_normalised([run_token_normalised(str(tmp_path))])
+
+
+@pytest.mark.distributed
+def test_chunk_weight_is_exact_for_token_normalised_loss_under_ddp(tmp_path):
+    """The same on 2 ranks (gloo): ``num_items_in_batch`` is global (``average_tokens_across_devices``) and the loss
+    is multiplied by the world size, so each rank's chunk-1 weight is 2 · items_chunk / items_step."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(port), os.path.abspath(__file__), str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    check_token_normalised(ranks)
+
+
+if __name__ == "__main__":  # the DDP worker (see test_chunk_weight_is_exact_for_token_normalised_loss_under_ddp)
+    import json
+    import sys
+
+    record = run_token_normalised(sys.argv[1], ddp_backend="gloo")
+    with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as file:
+        json.dump(record, file)

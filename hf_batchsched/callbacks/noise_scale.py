@@ -4,19 +4,30 @@
 The callback registers a step hook (``trainer.add_step_hook``) and, on measured steps:
 
 - after the **first** chunk's backward, reads ``|g|²`` of the gradients (still this rank's chunk-1 gradient: only
-  the last chunk synchronises under DDP), in place, no copy; rescaled by the trainer's loss weight of that chunk
-  (``(world · n_chunk / n_step)``, see below) it is ``|G_Bs|²`` with ``Bs`` = the first chunk's samples on one rank;
+  the last chunk synchronises under DDP), in place, no copy; divided by the square of that chunk's loss weight
+  (``trainer.current_chunk_loss_weight``, see below) it is ``|G_Bs|²`` with ``Bs`` = the first chunk's samples on
+  one rank;
 - after the **last** chunk, reads ``|G_Bb|²`` of the step's (all-reduced) gradient, ``Bb`` = the global step batch;
 - divides both by the fp16 loss scale squared when a ``GradScaler`` is active (overflowed steps are skipped);
 - averages the per-rank ``|G_Bs|²`` over ranks (one 2-float all-reduce, on every rank), feeds
   ``GradientNoiseScale`` (bias-corrected EMAs of ``|G|²`` and ``tr(Σ)``), and, with an ``AdaptiveBatchSchedule`` as
   the trainer's ``batch_schedule``, lets the schedule decide whether to grow the batch.
 
-Loss weighting: the trainer weights a chunk's mean loss by ``world · n_chunk / n_step`` (per-sample normalisation;
-DDP then averages ranks), so the chunk-1 gradient divided by that weight is the mean gradient of its samples. With
-token-level normalisation (causal LM, ``num_items_in_batch``) the weight is ``world · tokens_chunk / tokens_step``;
-the callback uses the sample ratio, which is exact when every sequence has the same number of label tokens (packed
-or fixed-length data) and otherwise adds a small length-dependent noise to ``|G_Bs|²``.
+Loss weighting: the trainer reports the factor by which each chunk's mean loss entered the gradient
+(``trainer.current_chunk_loss_weight``, computed as transformers' Trainer applies ``num_items_in_batch``; DDP then
+averages ranks): ``world · n_chunk / n_step`` (samples) for a per-example loss, ``world · items_chunk / items_step``
+(label tokens, after the causal shift, ``-100`` excluded) for a token-normalised loss (causal LM with
+``num_items_in_batch``). The chunk-1 gradient divided by it is exactly the gradient of chunk 1's own mean loss (over
+its samples, or over its label tokens), whatever the sequence lengths. A chunk with no label token has weight 0; its
+step gives a non-finite reading on every rank and is skipped.
+
+Sizes are samples, also for a token-normalised loss: ``Bs`` and ``Bb`` count sequences, not tokens. The sampler
+draws sequences, which are the independent units (tokens of one sequence are correlated). A token mean over ``B``
+sequences is the ratio ``G_B = Σ s_i / Σ L_i`` (``s_i``: summed token gradient of sequence ``i``, ``L_i``: its
+label tokens); expanding it around ``G = E s / E L`` gives ``E|G_B|² = |G|² + tr(Σ)/B + O(1/B²)`` with ``tr(Σ)``
+the trace of ``Cov(s_i − L_i G) / mean(L)²`` plus a length-gradient correlation term from the ratio's bias: the
+two-batch form holds with ``B`` in sequences, and ``B_simple`` is a global batch in samples (the batch schedule's
+unit). Counting tokens instead would treat correlated tokens as independent draws and give a noise scale in tokens.
 
 Steps with a single micro-chunk per rank have no second batch size and are skipped (counted in
 ``skipped_steps``); a configuration where no step can have two chunks is refused at construction.
@@ -130,6 +141,7 @@ class NoiseScaleCallback(TrainerCallback):
         self._attached = False
         self._small: torch.Tensor | None = None
         self._small_samples = 0
+        self._small_weight: float | None = None
         self._lr_restore: list[float] | None = None
         self._new_event = False
         self._param_list: list[torch.Tensor] | None = None
@@ -206,6 +218,8 @@ class NoiseScaleCallback(TrainerCallback):
             # Only chunk 1 has been accumulated: .grad is (this rank's) chunk-1 gradient times its loss weight.
             self._small = grad_sq_norm(self._params())
             self._small_samples = int(chunk_num_samples)
+            # The factor by which chunk 1's mean loss (over its samples or label tokens) entered .grad.
+            self._small_weight = getattr(trainer, "current_chunk_loss_weight", None)
 
     def on_step_batch_end(self, trainer, step_num_samples: int) -> None:
         if not self._measuring():
@@ -221,7 +235,9 @@ class NoiseScaleCallback(TrainerCallback):
                 )
             return
         world_size = trainer.accelerator.num_processes
-        weight = world_size * self._small_samples / step_num_samples
+        weight = self._small_weight
+        if weight is None:  # a trainer that does not report its chunk weights: per-example weighting
+            weight = world_size * self._small_samples / step_num_samples
         big = grad_sq_norm(self._params())
         norms = torch.stack([small.to(big.device, big.dtype) / weight**2, big])
         if world_size > 1:  # every rank: mean of the per-rank small norms; the big one is identical on all ranks
