@@ -15,7 +15,7 @@ from hf_batchsched.bench.lrbench import (
     run_lrbench,
 )
 from hf_batchsched.cli import main
-from hf_batchsched.commands.lrbench import EXAMPLE_CONFIG
+from hf_batchsched.commands.lrbench import EXAMPLE_CONFIG, EXAMPLE_RECIPE_CONFIG
 from hf_batchsched.errors import ConfigError
 
 SMALL = {
@@ -144,3 +144,158 @@ def test_training_section_must_hold_training_arguments(tmp_path):
     config["candidates"] = config["candidates"][:1]
     with pytest.raises(ConfigError, match="learning_rate_typo"):
         run_lrbench(config, str(tmp_path), log=lambda message: None)
+
+
+# --------------------------------------------------------------------------------------------------
+# recipe: the task is the user's own recipe fine-tune
+# --------------------------------------------------------------------------------------------------
+
+
+def tiny_recipe(tmp_path) -> dict:
+    """A recipe small enough for a test: the demo's fresh small Llama with LoRA r=4, a 60-row local JSONL packed to
+    16 tokens, and a batch ramp 2 -> 4 samples per update."""
+    data = tmp_path / "code.jsonl"
+    rows = [{"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n"} for i in range(60)]
+    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return {
+        "model_name_or_path": None,
+        "peft": "lora",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "data_files": [str(data)],
+        "eval_fraction": 0.25,
+        "max_seq_length": 16,
+        "max_eval_samples": 8,
+        "per_device_train_batch_size": 2,
+        "per_device_eval_batch_size": 8,
+        "batch_schedule": {
+            "name": "geometric",
+            "unit": "samples",
+            "start": 2,
+            "factor": 2,
+            "milestones": [4],
+            "max_size": 4,
+        },
+        "max_micro_batch_size": 2,
+        "learning_rate": 3e-3,
+        "lr_policy": {"name": "constant"},  # replaced by each candidate's policy
+        "max_steps": 100,  # replaced by lrbench's budget
+        "use_cpu": True,
+        "report_to": ["tensorboard"],  # lrbench turns per-run integrations off unless recipe_overrides say so
+        "seed": 7,
+    }
+
+
+RECIPE_CANDIDATES = [
+    {"name": "constant", "policy": {"name": "constant"}},
+    {"name": "FIX", "policy": {"name": "FIX", "k0": 1e-2}},
+]
+
+
+def test_recipe_task_runs_each_candidate_from_the_same_start(tmp_path, capsys):
+    import yaml
+
+    # The recipe is a file next to the lrbench config, found relative to it (the command runs from elsewhere).
+    config_dir = tmp_path / "configs"
+    config_dir.mkdir()
+    (config_dir / "my_recipe.yaml").write_text(yaml.safe_dump(tiny_recipe(tmp_path)))
+    lrbench = {
+        "recipe": "my_recipe.yaml",
+        "recipe_overrides": {"lora_r": 2},
+        "training": {"max_steps": 4},
+        "num_evals": 2,
+        "candidates": RECIPE_CANDIDATES,
+    }
+    (config_dir / "lrbench.yaml").write_text(yaml.safe_dump(lrbench))
+    out = tmp_path / "out"
+    command = ["lrbench", "--config", str(config_dir / "lrbench.yaml"), "--output-dir", str(out), "--halving"]
+    assert main(command) == 0
+    for name in ("results.md", "results.csv", "results.json", "lr_curves.png", "loss_curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "| rank | name |" in capsys.readouterr().out
+    saved = json.loads((out / "results.json").read_text())
+    # Successive halving: both for 4 updates, then the better one alone for 8 (a fresh model, same start).
+    assert [(run["round"], run["optimizer_updates"]) for run in saved["runs"]] == [(0, 4), (0, 4), (1, 8)]
+    assert saved["runs"][2]["name"] == saved["ranking"][0]["name"]
+    assert len(saved["runs"][2]["curves"]["lr"]) == 8
+    runs = {run["name"]: run for run in saved["runs"] if run["round"] == 0}
+    assert set(runs) == {"constant", "FIX"}
+    # The optimizer used each candidate's LR: the recipe's 3e-3 times 1, and FIX's absolute 1e-2.
+    assert runs["constant"]["curves"]["lr"] == pytest.approx([3e-3] * 4)
+    assert runs["FIX"]["curves"]["lr"] == pytest.approx([1e-2] * 4)
+    for run in runs.values():
+        assert run["optimizer_updates"] == 4
+        assert [step for step, _ in run["curves"]["eval_loss"]] == [2, 4]
+        assert run["train_eval_gap"] == pytest.approx(run["final_eval_loss"] - run["final_train_loss"])
+    # Same base weights and the same first batch: the first logged loss, taken before any update, is the same for
+    # both (same ops on the same CPU; 1e-6 only allows for float summation order). LoRA's B starts at zero, so this
+    # does not see the adapters' A; test_recipe_task_builds_identical_initial_models compares every weight.
+    first = [run["curves"]["train_loss"][0] for run in runs.values()]
+    assert first[0][0] == first[1][0] == 1 and first[0][1] == pytest.approx(first[1][1], rel=1e-6)
+    # ...after which the policies differ, and so do the results.
+    assert runs["constant"]["final_eval_loss"] != runs["FIX"]["final_eval_loss"]
+    # lrbench's settings win over the recipe's (seed, budget) and its run defaults over the recipe's report_to.
+    assert saved["config"]["recipe"]["seed"] == 7 and saved["config"]["seed"] == 0
+    assert not (out / "runs" / "constant-r0" / "runs").exists()
+
+
+def test_recipe_task_builds_identical_initial_models(tmp_path):
+    from hf_batchsched.bench.lrbench import build_task
+
+    config = load_lrbench_config(
+        {"recipe": tiny_recipe(tmp_path), "training": {"max_steps": 2}, "candidates": RECIPE_CANDIDATES}
+    )
+    make_trainer = build_task(config)
+    first = make_trainer({"name": "constant"}, 2, 1, str(tmp_path / "a"))
+    second = make_trainer({"name": "FIX", "k0": 1e-2}, 2, 1, str(tmp_path / "b"))
+    assert hasattr(first.model, "peft_config")  # the recipe's LoRA, not a plain model
+    state_a, state_b = first.model.state_dict(), second.model.state_dict()
+    assert any("lora_A" in key for key in state_a) and state_a.keys() == state_b.keys()
+    for key in state_a:  # lora_A is drawn at random: equal only because the seed is set before each build
+        assert torch_equal(state_a[key], state_b[key]), key
+    assert first.train_dataset is second.train_dataset  # the data is tokenised once and shared
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"task": {"model": "tiny"}}, "either 'task' or 'recipe'"),
+        ({"recipe_overrides": {"lerning_rate": 1e-3}}, "unknown config key 'lerning_rate'"),
+        ({"recipe_overrides": {"lr_policy": {"name": "nope"}}}, None),  # replaced by the candidates' policies
+        ({"recipe": "no/such/recipe.yaml"}, "recipe file 'no/such/recipe.yaml' not found"),
+        ({"training": {"max_steps": 2, "learning_rate": 1e-3}}, "training takes only max_steps"),
+        ({"training": {}, "recipe_overrides": {"max_steps": -1}}, "lrbench needs a step budget"),
+    ],
+)
+def test_bad_recipe_configs(tmp_path, change, match):
+    config = {"recipe": tiny_recipe(tmp_path), "training": {"max_steps": 2}, "candidates": RECIPE_CANDIDATES}
+    config.update(change)
+    if match is None:
+        assert load_lrbench_config(config)["training"] == {"max_steps": 2}
+        return
+    with pytest.raises(ConfigError, match=match):
+        load_lrbench_config(config)
+
+
+def test_cli_task_and_recipe_together_is_one_line_and_exit_2(tmp_path, capsys):
+    import yaml
+
+    config = tmp_path / "both.yaml"
+    config.write_text(yaml.safe_dump({"task": {"model": "tiny"}, "recipe": {}, "candidates": RECIPE_CANDIDATES}))
+    assert main(["lrbench", "--config", str(config), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "either 'task' or 'recipe'" in err and len(err.splitlines()) == 1
+
+
+def test_shipped_recipe_example_is_valid():
+    # Loading resolves the recipe (recipes/configs/demo_cpu.yaml, relative to the example) and validates it.
+    config = load_lrbench_config(EXAMPLE_RECIPE_CONFIG)
+    assert config["recipe"]["peft"] == "lora" and config["recipe_overrides"]["sharpness"] is None
+    assert config["training"] == {"max_steps": 40} and len(config["candidates"]) == 3

@@ -24,9 +24,21 @@ half, and doubles the budget, until one is left. Policies on the ``fraction`` un
 Outputs (``write_reports``): ``results.md``, ``results.csv``, ``results.json`` (with every curve),
 ``lr_curves.png`` and ``loss_curves.png``.
 
-The default task needs no network: a tiny Llama (``hf_batchsched.testing.tiny_llama``) on
-``synthetic_lm_dataset``; ``task.model`` may name a local model folder and ``task.dataset`` a local JSON/JSONL file
-(``input_ids`` rows, or ``text`` rows tokenised with the model's tokenizer).
+The task (what every candidate trains) comes from one of two sections:
+
+- ``task:`` (the default) needs no network: a tiny Llama (``hf_batchsched.testing.tiny_llama``) on
+  ``synthetic_lm_dataset``; ``task.model`` may name a local model folder and ``task.dataset`` a local JSON/JSONL
+  file (``input_ids`` rows, or ``text`` rows tokenised with the model's tokenizer); ``training:`` holds the
+  ``TrainingArguments``.
+- ``recipe:`` the user's own fine-tune, built by the recipe (``hf_batchsched.recipe``): a path to a recipe YAML
+  (relative to the lrbench config file, else to the working directory) or an inline recipe mapping, with
+  ``recipe_overrides:`` on top. Any causal LM by name or path, hub or local data, LoRA/QLoRA, the batch ramp and the
+  callbacks all apply. Every candidate gets a fresh model and trainer with the same seed (set before loading, so
+  LoRA adapters start identical too), its own ``lr_policy`` and the round's ``max_steps``; ``training:`` then takes
+  only ``max_steps`` (unset: the recipe's own ``max_steps``, which must be > 0).
+
+Internally a task is a factory ``make_trainer(policy, max_steps, eval_steps, run_dir) -> Trainer`` (``build_task``);
+the runner measures whatever trainer it returns, on its ``eval_dataset`` and a train subset of the same size.
 """
 
 from __future__ import annotations
@@ -38,7 +50,7 @@ import math
 import operator
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 from ..errors import ConfigError, check_choice
@@ -48,9 +60,12 @@ __all__ = [
     "METRIC_NAMES",
     "UTILITIES",
     "CandidateResult",
+    "build_task",
     "evaluate_utility",
     "load_lrbench_config",
     "rank_results",
+    "recipe_run_config",
+    "run_candidate",
     "run_lrbench",
     "write_reports",
 ]
@@ -203,8 +218,52 @@ def _merge(defaults: Mapping, overrides: Mapping) -> dict:
     return merged
 
 
-def load_lrbench_config(config: str | Mapping) -> dict:
-    """Read (YAML file or dict), fill defaults and validate an lrbench config; bad input raises ``ConfigError``."""
+RECIPE_KEYS = ("recipe", "recipe_overrides")
+# Recipe settings an lrbench run uses unless the recipe_overrides say otherwise: a loss point per update for the
+# curves, no checkpoints, no per-run logging integrations, no progress bars.
+RECIPE_RUN_DEFAULTS = {"logging_steps": 1, "save_strategy": "no", "report_to": "none", "disable_tqdm": True}
+
+
+def _resolve_recipe(recipe, config_dir: str | None) -> dict:
+    """The recipe mapping: ``recipe`` itself, or the YAML file it names (relative to ``config_dir``, then cwd)."""
+    from ..recipe import load_config_file
+
+    if isinstance(recipe, Mapping):
+        return dict(recipe)
+    if not isinstance(recipe, str) or not recipe:
+        raise ConfigError(f"recipe must be a path to a recipe YAML or an inline recipe mapping, got {recipe!r}")
+    candidates = [recipe] if os.path.isabs(recipe) else [os.path.join(config_dir or ".", recipe), recipe]
+    for path in candidates:
+        if os.path.isfile(path):
+            return load_config_file(path)
+    where = " or ".join(repr(os.path.normpath(path)) for path in dict.fromkeys(candidates))
+    raise ConfigError(f"recipe file {recipe!r} not found (looked for {where}); give a path or an inline mapping")
+
+
+def recipe_run_config(config: Mapping, policy: Mapping, max_steps: int, eval_steps: int, run_dir: str) -> dict:
+    """The flat recipe config of one lrbench run: the recipe, ``RECIPE_RUN_DEFAULTS``, ``recipe_overrides``, then
+    what lrbench sets for every candidate (its LR policy, the budget, the evaluation cadence, the seed)."""
+    return {
+        **config["recipe"],
+        **RECIPE_RUN_DEFAULTS,
+        **config["recipe_overrides"],
+        "lr_policy": dict(policy),
+        "max_steps": int(max_steps),
+        "eval_strategy": "steps",
+        "eval_steps": int(eval_steps),
+        "output_dir": run_dir,
+        "seed": int(config["seed"]),
+    }
+
+
+def load_lrbench_config(config: str | Mapping, config_dir: str | None = None) -> dict:
+    """Read (YAML file or dict), fill defaults and validate an lrbench config; bad input raises ``ConfigError``.
+
+    Args:
+        config (`str` or `Mapping`): a YAML file or the config itself.
+        config_dir (`str`, *optional*): where a relative ``recipe:`` path is looked up first (then the working
+            directory); defaults to the YAML file's folder when ``config`` is a path.
+    """
     from ..schedules.lr import lr_policy_from_config
 
     if isinstance(config, str):
@@ -212,15 +271,29 @@ def load_lrbench_config(config: str | Mapping) -> dict:
 
         if not os.path.isfile(config):
             raise FileNotFoundError(f"lrbench config {config!r} does not exist")
+        config_dir = config_dir if config_dir is not None else os.path.dirname(os.path.abspath(config))
         with open(config) as file:
             config = yaml.safe_load(file) or {}
     if not isinstance(config, Mapping):
         raise ConfigError(f"an lrbench config must be a mapping, got {type(config).__name__}")
-    unknown = sorted(set(config) - set(DEFAULT_CONFIG) - {"candidates"})
+    valid = ("candidates", *DEFAULT_CONFIG, *RECIPE_KEYS)
+    unknown = sorted(set(config) - set(valid))
     if unknown:
-        raise ConfigError(
-            f"unknown lrbench config key(s) {', '.join(unknown)}; valid: candidates, {', '.join(DEFAULT_CONFIG)}"
-        )
+        raise ConfigError(f"unknown lrbench config key(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    uses_recipe = config.get("recipe") is not None
+    if uses_recipe and "task" in config:
+        raise ConfigError("an lrbench config takes either 'task' or 'recipe', not both; remove one of them")
+    if "recipe_overrides" in config and not uses_recipe:
+        raise ConfigError("'recipe_overrides' needs a 'recipe' to override; add 'recipe: path/to/recipe.yaml'")
+    if uses_recipe:
+        training = dict(config.get("training") or {})
+        extra = sorted(set(training) - {"max_steps"})
+        if extra:
+            raise ConfigError(
+                f"with 'recipe', training takes only max_steps (got {', '.join(extra)}); put TrainingArguments "
+                "in the recipe or under recipe_overrides"
+            )
+        config = {key: value for key, value in config.items() if key != "training"}
     merged = _merge(DEFAULT_CONFIG, config)
     candidates = merged.get("candidates")
     if not isinstance(candidates, list) or not candidates:
@@ -240,12 +313,37 @@ def load_lrbench_config(config: str | Mapping) -> dict:
         raise ConfigError(f"rank_by must be a string (a metric, utility or expression), got {rank_by!r}")
     if rank_by not in UTILITIES:
         _compile_expression(rank_by)
+    if not isinstance(merged["num_evals"], int) or merged["num_evals"] < 1:
+        raise ConfigError(f"num_evals must be a positive integer, got {merged['num_evals']!r}")
+    if uses_recipe:
+        _check_recipe(merged, training.get("max_steps"), config_dir)
     training = merged["training"]
     if not isinstance(training.get("max_steps"), int) or training["max_steps"] < 1:
         raise ConfigError(f"training.max_steps must be a positive integer, got {training.get('max_steps')!r}")
-    if not isinstance(merged["num_evals"], int) or merged["num_evals"] < 1:
-        raise ConfigError(f"num_evals must be a positive integer, got {merged['num_evals']!r}")
     return merged
+
+
+def _check_recipe(merged: dict, max_steps, config_dir: str | None) -> None:
+    """Resolve ``recipe``, settle the first-round budget and validate the recipe (``ConfigError`` naming the key)."""
+    from ..recipe import parse_config
+
+    merged["task"] = None
+    merged["recipe"] = _resolve_recipe(merged["recipe"], config_dir)
+    overrides = merged.get("recipe_overrides") or {}
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f"recipe_overrides must be a mapping of recipe keys to values, got {overrides!r}")
+    merged["recipe_overrides"] = dict(overrides)
+    if max_steps is None:
+        max_steps = {**merged["recipe"], **merged["recipe_overrides"]}.get("max_steps")
+        if not isinstance(max_steps, int) or max_steps < 1:
+            raise ConfigError(
+                f"the recipe's max_steps is {max_steps!r}; lrbench needs a step budget: set training.max_steps "
+                "(or max_steps under recipe_overrides, or --max-steps)"
+            )
+    merged["training"] = {"max_steps": max_steps}
+    if isinstance(max_steps, int) and max_steps >= 1:
+        policy = merged["candidates"][0]["policy"]
+        parse_config(recipe_run_config(merged, policy, max_steps, 1, os.path.join("outputs", "lrbench")))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,8 +374,11 @@ class CandidateResult:
 
 
 def _build_task(task: Mapping, seed: int):
+    """``(make_model, train, eval)`` of the ``task:`` section (also used by ``hf-batchsched range-test``)."""
     from ..testing import synthetic_lm_dataset, tiny_llama
 
+    if task is None:
+        raise ConfigError("this config takes its task from 'recipe:'; only lrbench supports that, use a 'task:' here")
     model_name, dataset_name = task["model"], task["dataset"]
     if model_name == "tiny":
         model_config = dict(task.get("model_config") or {})
@@ -337,6 +438,81 @@ def _build_task(task: Mapping, seed: int):
     return make_model, split["train"], split["test"]
 
 
+def _builtin_task(config: Mapping) -> Callable:
+    """The ``task:`` section as a trainer factory: a ``BatchRampTrainer`` with ``training:`` as its arguments."""
+    from transformers import TrainingArguments
+
+    from ..trainer import BatchRampTrainer
+
+    seed = int(config["seed"])
+    make_model, train_dataset, eval_dataset = _build_task(config["task"], seed)
+
+    def make_trainer(policy: Mapping, max_steps: int, eval_steps: int, run_dir: str):
+        arguments = {
+            "output_dir": run_dir,
+            "eval_strategy": "steps",
+            "eval_steps": eval_steps,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "report_to": "none",
+            "disable_tqdm": True,
+            "seed": seed,
+            "data_seed": seed,
+        }
+        arguments.update(config["training"])  # the config's training section wins (e.g. report_to)
+        arguments["max_steps"] = max_steps
+        try:
+            args = TrainingArguments(**arguments)
+        except TypeError as error:
+            raise ConfigError(f"training section: {error}; use TrainingArguments field names") from None
+        return BatchRampTrainer(
+            model=make_model(),
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            lr_policy=dict(policy),
+        )
+
+    return make_trainer
+
+
+def _recipe_task(config: Mapping) -> Callable:
+    """The ``recipe:`` section as a trainer factory: ``parse_config`` -> seed -> ``load_model_and_tokenizer`` ->
+    ``build_trainer``, the data loaded and tokenised once and shared by every run."""
+    from transformers import set_seed
+
+    from ..recipe import build_trainer, load_data, load_model_and_tokenizer, parse_config
+
+    data: list = []
+
+    def make_trainer(policy: Mapping, max_steps: int, eval_steps: int, run_dir: str):
+        args = parse_config(recipe_run_config(config, policy, max_steps, eval_steps, run_dir))
+        set_seed(args.training.seed)  # the LoRA init draws from the global RNG: the same adapters for everyone
+        model, tokenizer = load_model_and_tokenizer(args)
+        if not data:
+            train_dataset, eval_dataset = load_data(args, tokenizer)
+            if eval_dataset is None or len(eval_dataset) == 0:
+                raise ConfigError(
+                    "the recipe has no eval data (eval_fraction: 0 and no eval_split); lrbench ranks on held-out "
+                    "loss: set eval_fraction or eval_split under recipe_overrides"
+                )
+            data.extend((train_dataset, eval_dataset))
+        return build_trainer(args, model, tokenizer, *data)
+
+    return make_trainer
+
+
+def build_task(config: Mapping) -> Callable:
+    """The trainer factory of a loaded lrbench config (``load_lrbench_config``): ``recipe:`` or ``task:``.
+
+    Returns:
+        `Callable`: ``make_trainer(policy, max_steps, eval_steps, run_dir)`` returning a fresh ``Trainer`` (same
+        initialisation, data and data order on every call) that applies ``policy`` for ``max_steps`` updates and
+        evaluates on its ``eval_dataset`` every ``eval_steps``.
+    """
+    return _recipe_task(config) if config.get("recipe") is not None else _builtin_task(config)
+
+
 def _sharpness(model, trainer, eval_dataset) -> float | None:
     try:
         from ..probes.sharpness import estimate_sharpness
@@ -348,34 +524,23 @@ def _sharpness(model, trainer, eval_dataset) -> float | None:
 
 
 def run_candidate(
-    name: str, policy: dict, config: Mapping, budget_steps: int, output_dir: str, round_index: int = 0
+    name: str,
+    policy: dict,
+    config: Mapping,
+    budget_steps: int,
+    output_dir: str,
+    round_index: int = 0,
+    make_trainer: Callable | None = None,
 ) -> CandidateResult:
-    """Train one candidate for ``budget_steps`` updates and measure it (see the module docstring)."""
-    from transformers import PrinterCallback, TrainerCallback, TrainingArguments
+    """Train one candidate for ``budget_steps`` updates and measure it (see the module docstring).
 
-    from ..trainer import BatchRampTrainer
+    ``make_trainer`` is the task's trainer factory (``build_task(config)``, built here when not given).
+    """
+    from transformers import PrinterCallback, TrainerCallback
 
-    seed = int(config["seed"])
-    make_model, train_dataset, eval_dataset = _build_task(config["task"], seed)
-    training = dict(config["training"])
-    training["max_steps"] = budget_steps
+    make_trainer = make_trainer if make_trainer is not None else build_task(config)
     eval_steps = max(1, budget_steps // int(config["num_evals"]))
-    arguments = {
-        "output_dir": os.path.join(output_dir, "runs", f"{name}-r{round_index}"),
-        "eval_strategy": "steps",
-        "eval_steps": eval_steps,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "disable_tqdm": True,
-        "seed": seed,
-        "data_seed": seed,
-    }
-    arguments.update(training)  # the config's training section wins (e.g. report_to to log every run)
-    try:
-        args = TrainingArguments(**arguments)
-    except TypeError as error:
-        raise ConfigError(f"training section: {error}; use TrainingArguments field names") from None
+    run_dir = os.path.join(output_dir, "runs", f"{name}-r{round_index}")
 
     class _LRRecorder(TrainerCallback):
         def __init__(self):
@@ -384,10 +549,8 @@ def run_candidate(
         def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
             self.lrs.append(float(optimizer.param_groups[0]["lr"]))
 
-    model = make_model()
-    trainer = BatchRampTrainer(
-        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, lr_policy=policy
-    )
+    trainer = make_trainer(policy, budget_steps, eval_steps, run_dir)
+    train_dataset, eval_dataset = trainer.train_dataset, trainer.eval_dataset
     trainer.remove_callback(PrinterCallback)
     recorder = _LRRecorder()
     trainer.add_callback(recorder)
@@ -420,6 +583,7 @@ def run_candidate(
     result.train_eval_gap = result.final_eval_loss - result.final_train_loss
     if config["sharpness"]:
         result.sharpness = _sharpness(trainer.model, trainer, eval_dataset)
+    del trainer  # free the model (and its GPU memory) before the next candidate
     return result
 
 
@@ -436,14 +600,17 @@ def rank_results(results: list[CandidateResult], rank_by: str, rank_mode: str = 
     return sorted(results, key=key)
 
 
-def run_lrbench(config: str | Mapping, output_dir: str, log=print) -> dict:
+def run_lrbench(config: str | Mapping, output_dir: str, log=print, config_dir: str | None = None) -> dict:
     """Run the benchmark described by ``config`` and write the reports to ``output_dir``.
+
+    ``config_dir`` is where a relative ``recipe:`` path is looked up first (``load_lrbench_config``).
 
     Returns:
         `dict`: ``{"ranking": [CandidateResult, ...] (best first), "all_runs": [...], "config": ..., "files": ...}``.
     """
-    config = load_lrbench_config(config)
+    config = load_lrbench_config(config, config_dir)
     os.makedirs(output_dir, exist_ok=True)
+    make_trainer = build_task(config)
     candidates = [
         (str(c.get("name") or c["policy"].get("name", f"candidate_{i}")), dict(c["policy"]))
         for i, c in enumerate(config["candidates"])
@@ -454,7 +621,7 @@ def run_lrbench(config: str | Mapping, output_dir: str, log=print) -> dict:
     while True:
         results = []
         for name, policy in candidates:
-            result = run_candidate(name, policy, config, budget, output_dir, round_index)
+            result = run_candidate(name, policy, config, budget, output_dir, round_index, make_trainer)
             results.append(result)
             log(
                 f"[lrbench] round {round_index} budget {budget}: {name}: best eval loss {result.best_eval_loss:.4f}, "

@@ -7,14 +7,18 @@ import os
 
 __all__ = ["HELP", "add_arguments", "run"]
 
-HELP = "Benchmark LR policies as short fine-tunes on one task; writes a ranked table and LR/loss plots."
+HELP = "Benchmark LR policies as short fine-tunes of one task or recipe; writes a ranked table and LR/loss plots."
 
 EXAMPLE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "lrbench.yaml")
+# The same comparison on a recipe's fine-tune (recipes/configs/demo_cpu.yaml: small Llama + LoRA + batch ramp).
+EXAMPLE_RECIPE_CONFIG = os.path.join(os.path.dirname(EXAMPLE_CONFIG), "lrbench_recipe.yaml")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", default=EXAMPLE_CONFIG, help="YAML config (task, training, candidates, rank_by); default: example"
+        "--config",
+        default=EXAMPLE_CONFIG,
+        help="YAML config (task or recipe, training, candidates, rank_by); default: the tiny synthetic example",
     )
     parser.add_argument("--output-dir", default="outputs/lrbench", help="where results.* and the plots go")
     parser.add_argument("--rank-by", default=None, help="override the config's rank_by (metric, utility, expression)")
@@ -31,6 +35,12 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
 
     hf_logging.set_verbosity_error()
+    try:  # a recipe task tokenises its data once per run: no progress bars in the benchmark's output
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
     if not os.path.isfile(args.config):
         raise FileNotFoundError(f"config file {args.config!r} does not exist")
     with open(args.config) as file:
@@ -43,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         config["halving"] = True
     if args.max_steps is not None:
         config.setdefault("training", {})["max_steps"] = args.max_steps
-    outcome = run_lrbench(config, args.output_dir)
+    outcome = run_lrbench(config, args.output_dir, config_dir=os.path.dirname(os.path.abspath(args.config)))
     with open(outcome["files"]["results.md"]) as file:
         print(file.read())
     print("wrote " + ", ".join(sorted(outcome["files"].values())))
