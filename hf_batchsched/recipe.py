@@ -107,7 +107,7 @@ class DataArguments:
         dataset_name (`str`, *optional*): a hub dataset (``load_dataset(dataset_name, dataset_config)``).
         dataset_config (`str`, *optional*): its configuration name.
         data_files (`list[str]`, *optional*): local JSON/JSONL files (used when ``dataset_name`` is unset). With
-            neither, the embedded default text (Python standard-library docstrings) is used.
+            neither, the embedded default text (the demo's standard-library source code) is used.
         train_split (`str`, *optional*, defaults to `"train"`): the training split.
         eval_split (`str`, *optional*): the evaluation split; unset: ``eval_fraction`` of the training split.
         eval_fraction (`float`, *optional*, defaults to `0.05`): share held out when there is no eval split.
