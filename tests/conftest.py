@@ -1,6 +1,11 @@
-"""Shared test set-up: no network, one thread per test worker, tiny models from configs."""
+"""Shared test set-up: no network, one thread per test worker, tiny models from configs, a 2-rank launcher."""
 
+import json
 import os
+import pathlib
+import socket
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -28,3 +33,20 @@ def tiny_dataset():
     from hf_batchsched.testing import synthetic_lm_dataset
 
     return synthetic_lm_dataset(num_samples=64, seq_len=16)
+
+
+def run_torchrun(script: str, out_dir, nproc: int = 2, timeout: int = 240) -> list[dict]:
+    """``torchrun --nproc_per_node nproc script out_dir`` on CPU (gloo, one thread per rank); returns each rank's
+    ``out_dir/rank<r>.json`` (the worker writes it). Fails the test with the ranks' stderr if the launch fails."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+        "--master_port", str(port), os.path.abspath(script), str(out_dir),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads((pathlib.Path(out_dir) / f"rank{rank}.json").read_text()) for rank in range(nproc)]

@@ -365,23 +365,9 @@ def test_ddp_ranks_decide_alike_and_measure_exact_norms(tmp_path):
     """Per measured step: |G_Bs|² is the rank-average of each rank's first-chunk mean-gradient norm (before the
     all-reduce), |G_Bb|² the norm of the global step's mean gradient (closed form: g = 2(x·w − y)x); every rank holds
     the same estimator state and took the same decisions. Tolerance 1e-4: float32 model and data."""
-    import os
-    import socket
-    import subprocess
-    import sys
+    from conftest import run_torchrun  # here, not at the top: this file is also the torchrun worker
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    here = os.path.dirname(__file__)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(port), os.path.abspath(__file__), str(tmp_path),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_torchrun(__file__, tmp_path)
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["events"] == ranks[1]["events"] and len(ranks[0]["events"]) >= 1
     assert ranks[0]["estimator"] == ranks[1]["estimator"]

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_torchrun
 from test_trainer_ramp import make_trainer, ramp
 
 from hf_batchsched.data import RampBatchSampler
@@ -19,21 +16,8 @@ pytestmark = pytest.mark.distributed
 HERE = os.path.dirname(__file__)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ddp_two_ranks_match_single_process(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), os.path.join(HERE, "ddp_worker.py"), str(tmp_path / "ddp"),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-4000:]
-    ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_torchrun(os.path.join(HERE, "ddp_worker.py"), tmp_path / "ddp")
     assert [r["world_size"] for r in ranks] == [2, 2]
 
     # Every step's global batch equals the schedule (rounded to max_micro 2 x world 2 = 4) ...

@@ -483,23 +483,9 @@ def test_chunk_weight_is_exact_for_token_normalised_variable_length_loss(tmp_pat
 def test_chunk_weight_is_exact_for_token_normalised_loss_under_ddp(tmp_path):
     """The same on 2 ranks (gloo): ``num_items_in_batch`` is global (``average_tokens_across_devices``) and the loss
     is multiplied by the world size, so each rank's chunk-1 weight is 2 · items_chunk / items_step."""
-    import json
-    import socket
-    import subprocess
-    import sys
+    from conftest import run_torchrun  # here, not at the top: this file is also the torchrun worker
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    here = os.path.dirname(__file__)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(port), os.path.abspath(__file__), str(tmp_path),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_torchrun(__file__, tmp_path)
     assert [r["world_size"] for r in ranks] == [2, 2]
     check_token_normalised(ranks)
 
