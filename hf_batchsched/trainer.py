@@ -7,8 +7,8 @@ training clock (consumed samples or tokens) and is realised as **accumulation at
 - the train DataLoader yields one *step batch* per optimizer step (this rank's share, ``B(t) / world_size``
   samples, from ``RampBatchSampler``); the Trainer runs with ``gradient_accumulation_steps=1``;
 - ``training_step`` splits it into micro-chunks of at most ``max_micro_batch_size`` samples, trims each chunk's
-  padding (columns where the whole chunk's ``attention_mask`` is 0), and runs forward/backward per chunk; under
-  DDP only the last chunk synchronises gradients (``accelerator.no_sync``);
+  trailing padding (columns where the whole chunk's ``attention_mask`` is 0), and runs forward/backward per chunk;
+  under DDP only the last chunk synchronises gradients (``accelerator.no_sync``);
 - the loss is normalised over the whole step batch: token-level for per-token (integer, 2-D) labels through the
   Trainer's own ``num_items_in_batch`` (counted over all chunks and all ranks, labels shifted like the model's
   loss), per-example otherwise (image/sequence classification, regression: each chunk's mean loss weighted by its
@@ -156,9 +156,10 @@ def _per_token_labels(inputs: Mapping) -> bool:
 def split_micro_chunks(inputs: dict, max_micro_batch_size: int) -> list[dict]:
     """Split a collated batch into chunks of at most ``max_micro_batch_size`` rows, trimming each chunk's padding.
 
-    Columns (dim 1 of every tensor whose dim 1 has the sequence length) where the chunk's ``attention_mask`` is 0 in
-    every row are cut from both ends; collators must label padding ``-100`` (all HF LM collators do), so the loss
-    is unchanged.
+    Trailing columns (dim 1 of every tensor whose dim 1 has the sequence length) where the chunk's
+    ``attention_mask`` is 0 in every row are cut; collators must label padding ``-100`` (all HF LM collators do), so
+    the loss is unchanged. Leading padding (left-padded batches) is kept: cutting it would shift the labels, and a
+    causal LM's shifted loss would lose each row's first real token, which ``num_items_in_batch`` still counts.
 
     >>> batch = {"input_ids": torch.tensor([[5, 6, 0], [7, 0, 0], [8, 9, 4]]),
     ...          "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])}
@@ -182,10 +183,10 @@ def split_micro_chunks(inputs: dict, max_micro_batch_size: int) -> list[dict]:
         if padded:
             columns = mask.bool().any(dim=0).nonzero().flatten()
             seq_len = mask.shape[1]
-            if len(columns) and (columns[0] > 0 or columns[-1] < seq_len - 1):
-                low, high = int(columns[0]), int(columns[-1]) + 1
+            if len(columns) and columns[-1] < seq_len - 1:
+                high = int(columns[-1]) + 1
                 chunk = {
-                    key: value[:, low:high]
+                    key: value[:, :high]
                     if torch.is_tensor(value) and value.dim() >= 2 and value.shape[1] == seq_len
                     else value
                     for key, value in chunk.items()

@@ -510,3 +510,22 @@ def test_count_batch_and_token_policies_need_tokens(tmp_path):
     trainer = image_ramp_trainer(tmp_path, 4, lr_policy={"name": "cosine", "total": 100, "unit": "tokens"})
     with pytest.raises(ConfigError, match="counts tokens, but the training batches have no attention_mask"):
         trainer.train()
+
+
+def test_chunks_trim_trailing_padding_but_keep_every_label():
+    """Trailing pad columns are cut per chunk; leading ones are kept, so a causal LM's shifted loss sees the same
+    label tokens in the chunks as in the whole batch (cutting left padding would drop each row's first label)."""
+    from hf_batchsched.trainer import split_micro_chunks
+
+    ids = torch.tensor([[0, 0, 5, 6, 7, 0], [0, 0, 8, 9, 0, 0], [3, 4, 5, 6, 7, 8], [0, 9, 9, 0, 0, 0]])
+    mask = (ids != 0).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    chunks = split_micro_chunks(batch, 2)
+    assert [chunk["input_ids"].shape for chunk in chunks] == [(2, 5), (2, 6)]  # chunk 1: last column cut only
+    assert chunks[0]["input_ids"][:, :2].eq(0).all()  # its two leading pad columns are still there
+
+    def shifted_label_tokens(tensor):
+        return int(tensor[:, 1:].ne(-100).sum())
+
+    assert sum(shifted_label_tokens(chunk["labels"]) for chunk in chunks) == shifted_label_tokens(labels)
