@@ -218,8 +218,9 @@ class NoiseScaleCallback(TrainerCallback):
             # Only chunk 1 has been accumulated: .grad is (this rank's) chunk-1 gradient times its loss weight.
             self._small = grad_sq_norm(self._params())
             self._small_samples = int(chunk_num_samples)
-            # The factor by which chunk 1's mean loss (over its samples or label tokens) entered .grad.
-            self._small_weight = getattr(trainer, "current_chunk_loss_weight", None)
+            # The factor by which chunk 1's mean loss (over its samples or label tokens) entered .grad; the trainer
+            # sets it before every hook call.
+            self._small_weight = trainer.current_chunk_loss_weight
 
     def on_step_batch_end(self, trainer, step_num_samples: int) -> None:
         if not self._measuring():
@@ -235,11 +236,8 @@ class NoiseScaleCallback(TrainerCallback):
                 )
             return
         world_size = trainer.accelerator.num_processes
-        weight = self._small_weight
-        if weight is None:  # a trainer that does not report its chunk weights: per-example weighting
-            weight = world_size * self._small_samples / step_num_samples
         big = grad_sq_norm(self._params())
-        norms = torch.stack([small.to(big.device, big.dtype) / weight**2, big])
+        norms = torch.stack([small.to(big.device, big.dtype) / self._small_weight**2, big])
         if world_size > 1:  # every rank: mean of the per-rank small norms; the big one is identical on all ranks
             norms = trainer.accelerator.reduce(norms, reduction="mean")
         sq_small, sq_big = (float(value) for value in norms.tolist())
