@@ -19,9 +19,12 @@ training clock (consumed samples or tokens) and is realised as **accumulation at
   scheduler's horizon) comes from simulating the ramp (``RampBatchSampler.plan``); ``max_steps`` still caps;
   ``state.epoch`` reports passes over the data; ``eval_strategy``/``save_strategy``/``logging_strategy`` of
   ``"epoch"`` fire at pass boundaries, ``"steps"`` as usual;
-- ``self.clock`` (``TrainingClock``) counts steps, consumed samples and non-pad tokens (global over ranks); it
-  and the sampler position are saved with every checkpoint (``batchsched_state.json``), and
-  ``train(resume_from_checkpoint=...)`` continues with the same samples, batch sizes and losses.
+- ``self.clock`` (``TrainingClock``) counts steps, consumed samples and non-pad tokens (global over ranks); it is
+  also the sampler's stream position. It, the global batch size of every step so far and a fingerprint of what the
+  plan depends on are saved in every checkpoint's ``trainer_state.json`` (``hf_batchsched.checkpoint``), written
+  atomically before the Trainer rotates old checkpoints; ``train(resume_from_checkpoint=...)`` continues with the
+  same samples, batch sizes, RNG state and losses, refuses a checkpoint that does not match the run (unless
+  ``allow_schedule_change_on_resume=True``), and with ``True`` takes the newest *complete* checkpoint.
 
 The schedule is read when the DataLoader draws a step batch: with ``dataloader_num_workers=0`` that is right
 before the step that uses it, after the previous step's optimizer step, callbacks and step hooks, so an online
@@ -79,29 +82,43 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import logging
 import math
 import os
+import types
 from collections.abc import Mapping
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, get_last_checkpoint, seed_worker
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, seed_worker
 
+from .callbacks._state import save_callback_state
+from .checkpoint import (
+    PLAN_KEYS,
+    RAMP_STATE_KEY,
+    STREAM_KEYS,
+    TRAINER_STATE_FILE,
+    append_batch_size,
+    checkpoint_files,
+    expand_batch_sizes,
+    find_resume_checkpoint,
+    plan_differences,
+    validate_ramp_state,
+    write_text_atomically,
+)
 from .clock import TrainingClock
 from .data.sampler import RampBatchSampler, as_batch_schedule
 from .errors import ConfigError, check_positive
 from .schedules.base import Policy
 from .schedules.noise import sgd_noise
 
-__all__ = ["BatchRampMixin", "BatchRampTrainer", "RAMP_STATE_NAME", "count_batch", "split_micro_chunks"]
+__all__ = ["BatchRampMixin", "BatchRampTrainer", "RAMP_STATE_KEY", "count_batch", "split_micro_chunks"]
 
 logger = logging.getLogger(__name__)
-
-RAMP_STATE_NAME = "batchsched_state.json"
 
 #: Kept for code written against the first release: ``hf_batchsched.schedules.noise.sgd_noise`` is the one
 #: implementation of Smith et al.'s noise scale.
@@ -195,8 +212,31 @@ def split_micro_chunks(inputs: dict, max_micro_batch_size: int) -> list[dict]:
     return chunks
 
 
+def _describe_schedule(schedule) -> object:
+    """A JSON-ready identity of a batch schedule for the plan fingerprint: its config, else a stable name."""
+    to_config = getattr(schedule, "to_config", None)
+    if callable(to_config):
+        with contextlib.suppress(NotImplementedError):
+            return to_config()
+    if isinstance(schedule, (types.FunctionType, types.MethodType, functools.partial)):
+        function = schedule.func if isinstance(schedule, functools.partial) else schedule
+        return f"{function.__module__}.{function.__qualname__}"
+    text = repr(schedule)
+    if " at 0x" in text:  # the default repr names an address, which differs between runs
+        return f"{type(schedule).__module__}.{type(schedule).__qualname__}"
+    return text
+
+
+def _save_trainer_state_atomically(state, json_path: str) -> None:
+    """``TrainerState.save_to_json``, written through a temporary file and a rename, listing the checkpoint's files."""
+    stored = (state.stateful_callbacks or {}).get(RAMP_STATE_KEY)
+    if isinstance(stored, dict):
+        stored["checkpoint_files"] = checkpoint_files(os.path.dirname(json_path))
+    write_text_atomically(json_path, json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n")
+
+
 class _RampCallback(TrainerCallback):
-    """Keeps ``state.epoch`` in data passes, fires epoch strategies at pass boundaries, saves the ramp state."""
+    """Keeps ``state.epoch`` in data passes, fires epoch strategies at pass boundaries, records each step's size."""
 
     def __init__(self, trainer: BatchRampMixin):
         self.trainer = trainer
@@ -204,6 +244,7 @@ class _RampCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
+        append_batch_size(trainer._batch_size_history, trainer.last_batch_size)
         dataset_size = trainer._ramp_sampler.num_samples
         consumed = trainer.clock.consumed_samples
         state.epoch = consumed / dataset_size
@@ -224,15 +265,6 @@ class _RampCallback(TrainerCallback):
             control.should_log = control.should_evaluate = control.should_save = False
         return control
 
-    def on_save(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        if trainer.is_world_process_zero():
-            folder = os.path.join(trainer._get_output_dir(trial=None), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-            if os.path.isdir(folder):
-                with open(os.path.join(folder, RAMP_STATE_NAME), "w") as file:
-                    json.dump(trainer.ramp_state_dict(), file, indent=2)
-        return control
-
 
 class BatchRampMixin:
     """Mix into any ``Trainer`` subclass (``class T(BatchRampMixin, trl.SFTTrainer)``) to ramp the batch size.
@@ -251,6 +283,11 @@ class BatchRampMixin:
             else ``args.seed``.
         rounding (`str`, *optional*, defaults to `"down"`): sizes that are not multiples of ``batch_size_multiple``
             are rounded down (at least one multiple; logged); ``"error"`` raises a ``ConfigError`` instead.
+        allow_schedule_change_on_resume (`bool`, *optional*, defaults to `False`): a resume whose batch plan
+            settings (``batch_schedule``, ``world_size``, ``max_micro_batch_size``, ``batch_size_multiple``,
+            ``rounding``, ``num_train_epochs``, ``max_steps``) differ from the checkpoint's is refused; ``True``
+            continues from the checkpoint's clock with the new settings (logged). The dataset size and data seed
+            must always match.
 
     Bad input raises ``ConfigError``: a ramp with ``gradient_accumulation_steps > 1`` (the chunks replace it), an
     ``IterableDataset``, a schedule larger than the dataset, ``auto_find_batch_size``, DeepSpeed. With no
@@ -266,6 +303,7 @@ class BatchRampMixin:
         seed: int | None = None,
         batch_size_multiple: int | None = None,
         rounding: str = "down",
+        allow_schedule_change_on_resume: bool = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -318,9 +356,17 @@ class BatchRampMixin:
                 "a batch ramp needs a map-style train_dataset with a length (an IterableDataset cannot be shuffled "
                 "or resumed by position); materialise it, e.g. datasets.Dataset.from_generator(...)"
             )
+        if not isinstance(allow_schedule_change_on_resume, bool):
+            raise ConfigError(
+                f"allow_schedule_change_on_resume must be True or False, got {allow_schedule_change_on_resume!r}"
+            )
+        self.allow_schedule_change_on_resume = allow_schedule_change_on_resume
         self.clock = TrainingClock()
         self.last_batch_size: int | None = None
         self.last_micro_chunks: int | None = None
+        self._batch_size_history: list[list[int]] = []  # [[global batch size, steps], ...] of this run so far
+        self._plan_fingerprint: dict | None = None
+        self._resumed_ramp_state: dict | None = None
         self._step_hooks: list = []
         self._ramp_sampler: RampBatchSampler | None = None
         self._ramp_callback = _RampCallback(self)
@@ -336,52 +382,55 @@ class BatchRampMixin:
         self._step_hooks.append(hook)
 
     def ramp_state_dict(self) -> dict:
-        """Clock and sampler position after the last completed optimizer step (what checkpoints store)."""
+        """What checkpoints store (in ``trainer_state.json``): the clock after the last completed optimizer step, the
+        global batch size of every step so far (run-length encoded) and the plan fingerprint."""
         return {
             "clock": self.clock.state_dict(),
-            "sampler": {
-                "consumed_samples": self.clock.consumed_samples,
-                "consumed_tokens": self.clock.consumed_tokens,
-                "seed": self.ramp_seed,
-                "num_samples": len(self.train_dataset),
-            },
+            "batch_sizes": [list(entry) for entry in self._batch_size_history],
+            "plan": copy.deepcopy(self._plan_fingerprint),
             "last_batch_size": self.last_batch_size,
             "last_micro_chunks": self.last_micro_chunks,
+            "save_only_model": bool(self.args.save_only_model),
+            "checkpoint_files": [],  # filled in when the checkpoint's trainer_state.json is written
         }
 
-    def load_ramp_state_dict(self, state: dict) -> None:
-        if state["sampler"]["num_samples"] != len(self.train_dataset) or state["sampler"]["seed"] != self.ramp_seed:
-            raise ConfigError(
-                f"the checkpoint's ramp state was saved for a dataset of {state['sampler']['num_samples']} samples "
-                f"and seed {state['sampler']['seed']}; resume with the same train_dataset and seed"
-            )
+    def load_ramp_state_dict(self, state: dict, source: str = "ramp state") -> None:
+        """Restore a ``ramp_state_dict()``; it is checked against this run's plan when ``train`` plans it."""
+        validate_ramp_state(state, source)
+        for key in STREAM_KEYS:
+            if state["plan"][key] != self._stream_fingerprint()[key]:
+                raise ConfigError(
+                    f"{source}: the checkpoint was saved for a dataset of {state['plan']['dataset_size']} samples "
+                    f"and data seed {state['plan']['seed']}, this run has {len(self.train_dataset)} and "
+                    f"{self.ramp_seed}; resume with the same train_dataset and seed (the data position means nothing "
+                    "in another stream)"
+                )
         self.clock.load_state_dict(state["clock"])
+        self._batch_size_history = [list(entry) for entry in state["batch_sizes"]]
         self.last_batch_size = state.get("last_batch_size")
         self.last_micro_chunks = state.get("last_micro_chunks")
+        self._resumed_ramp_state = state
+
+    def _stream_fingerprint(self) -> dict:
+        return {"dataset_size": len(self.train_dataset), "seed": self.ramp_seed}
 
     # ---- training entry ------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ConfigError(f"no checkpoint found in output_dir {self.args.output_dir!r} to resume from")
+        """``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint, and a resume is
+        checked against this run (see ``hf_batchsched.checkpoint``); a mismatch raises ``ConfigError``."""
+        point = find_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         self.clock.load_state_dict(TrainingClock().state_dict())
         self.last_batch_size = self.last_micro_chunks = None
-        if resume_from_checkpoint:
-            path = os.path.join(resume_from_checkpoint, RAMP_STATE_NAME)
-            if not os.path.isfile(path):
-                raise ConfigError(
-                    f"{resume_from_checkpoint} has no {RAMP_STATE_NAME}: it was not saved by a BatchRampTrainer, so "
-                    "the data position and batch-size clock cannot be restored"
-                )
-            with open(path) as file:
-                self.load_ramp_state_dict(json.load(file))
+        self._batch_size_history, self._resumed_ramp_state = [], None
+        if point is not None:
+            self.load_ramp_state_dict(point.ramp_state, source=point.state_file)
+            self._resume_source = point.path
         # The sampler resumes from the clock; the Trainer's own skip (global_step x GAS batches) must not run.
         ignore_data_skip = self.args.ignore_data_skip
         self.args.ignore_data_skip = True
         try:
             return super().train(
-                resume_from_checkpoint=resume_from_checkpoint or None,
+                resume_from_checkpoint=point.path if point is not None else None,
                 trial=trial,
                 ignore_keys_for_eval=ignore_keys_for_eval,
                 **kwargs,
@@ -441,16 +490,16 @@ class BatchRampMixin:
             collate_fn=collator,
             num_workers=targs.dataloader_num_workers,
             pin_memory=targs.dataloader_pin_memory and targs.device.type == "cuda",
+            # Its own generator: creating the iterator draws a base seed, which from the global generator would come
+            # after a resume has restored the checkpoint's RNG state and shift every later dropout mask.
+            generator=torch.Generator().manual_seed(self.ramp_seed),
             **loader_kwargs,
         )
 
     def set_initial_training_values(self, args, dataloader):
         """Simulate the ramp from the start of the run: the Trainer sees one "epoch" of ``max_steps`` steps."""
-        planner = copy.copy(self._ramp_sampler)
-        planner.consumed_samples = planner.consumed_tokens = 0
-        plan = planner.plan(max_steps=args.max_steps if args.max_steps > 0 else None)
-        if not plan:
-            raise ConfigError("the batch ramp plans no optimizer step; check num_train_epochs / max_steps")
+        planner = self._ramp_sampler
+        plan = self._plan_run(args)
         max_steps = len(plan)
         self.ramp_plan = plan
         self.clock.total_steps = max_steps
@@ -468,6 +517,77 @@ class BatchRampMixin:
         # num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples, total_train_batch_size,
         # steps_in_epoch, max_steps
         return 1, max_steps, planner.num_samples, sum(plan), plan[0], max_steps, max_steps
+
+    def _plan_run(self, args) -> list[int]:
+        """The global batch size of every step of the run; on resume, the steps taken so far are the checkpoint's.
+
+        Also sets the plan fingerprint saved with checkpoints, and checks a resumed state against this run: the
+        fingerprint, the batch sizes already taken (for schedules that are pure functions of the clock), and that
+        training is not already over.
+        """
+        planner = copy.copy(self._ramp_sampler)
+        planner.consumed_samples = planner.consumed_tokens = 0
+        cap = args.max_steps if args.max_steps > 0 else None
+        from_start = planner.plan(max_steps=cap)
+        fingerprint = {
+            **self._stream_fingerprint(),
+            "batch_schedule": _describe_schedule(self.batch_schedule),
+            "world_size": args.world_size,
+            "max_micro_batch_size": self.max_micro_batch_size,
+            "batch_size_multiple": self.batch_size_multiple,
+            "rounding": self.ramp_rounding,
+            "num_train_epochs": None if cap else float(args.num_train_epochs),
+            "max_steps": cap,
+        }
+        self._plan_fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as it reads back from JSON
+        saved = self._resumed_ramp_state
+        if saved is None:
+            if not from_start:
+                raise ConfigError("the batch ramp plans no optimizer step; check num_train_epochs / max_steps")
+            return from_start
+        source = getattr(self, "_resume_source", "the checkpoint")
+        taken = expand_batch_sizes(saved["batch_sizes"])
+        changes = plan_differences(saved["plan"], self._plan_fingerprint, PLAN_KEYS)
+        if not changes and not getattr(self.batch_schedule, "online", False) and from_start[: len(taken)] != taken:
+            step = next(i for i, size in enumerate(taken) if i >= len(from_start) or from_start[i] != size)
+            planned = from_start[step] if step < len(from_start) else "no step"
+            changes = [f"step {step + 1}, already taken, had batch size {taken[step]}; this run plans {planned}"]
+        if changes and not self.allow_schedule_change_on_resume:
+            raise ConfigError(
+                f"{source} does not match this run's batch plan ({'; '.join(changes)}): resuming would cut training "
+                "short or train samples twice. Resume with the settings it was saved with, or pass "
+                "allow_schedule_change_on_resume=True to continue from its clock with the new settings on purpose"
+            )
+        if changes:
+            logger.warning(
+                "BatchRampTrainer: resuming %s with a changed batch plan (allow_schedule_change_on_resume=True): %s",
+                source,
+                "; ".join(changes),
+            )
+        remaining = self._ramp_sampler.plan(max_steps=None if cap is None else max(cap - len(taken), 0))
+        if not remaining:
+            raise ConfigError(
+                f"{source} is at the end of training: its {len(taken)} steps and {self.clock.consumed_samples} "
+                "samples already cover this run's plan, so there is nothing left to train. To train further, raise "
+                "num_train_epochs or max_steps and pass allow_schedule_change_on_resume=True"
+            )
+        return taken + remaining
+
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's save, with the ramp state inside ``trainer_state.json``, which is written atomically with the
+        list of the checkpoint's other files (its completeness marker; see ``hf_batchsched.checkpoint``)."""
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.isfile(os.path.join(folder, TRAINER_STATE_FILE)):
+            # An older checkpoint of this step (a resumed run passing it again) is overwritten file by file: drop its
+            # marker first, so that a crash before the new one is written leaves it recognisably incomplete.
+            os.remove(os.path.join(folder, TRAINER_STATE_FILE))
+        save_callback_state(self.state, RAMP_STATE_KEY, self.ramp_state_dict())
+        state = self.state
+        state.save_to_json = functools.partial(_save_trainer_state_atomically, state)  # this call only
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del state.save_to_json
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer = None):
         """``PolicyLRScheduler`` on ``self.clock`` when an ``lr_policy`` was given, else the Trainer's scheduler."""

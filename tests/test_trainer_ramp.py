@@ -292,7 +292,8 @@ def test_resume_mid_ramp_reproduces_uninterrupted_run(tmp_path):
 
 
 def test_resume_from_foreign_checkpoint_is_refused(tmp_path):
-    (tmp_path / "checkpoint-1").mkdir()
+    (tmp_path / "checkpoint-1").mkdir()  # what a plain Trainer saves: a trainer_state.json without the ramp state
+    (tmp_path / "checkpoint-1" / "trainer_state.json").write_text('{"global_step": 1, "stateful_callbacks": {}}')
     trainer = make_trainer(tmp_path, batch_schedule=ramp)
     with pytest.raises(ConfigError, match="not saved by a BatchRampTrainer"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
