@@ -34,6 +34,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -58,6 +59,7 @@ __all__ = [
     "load_model_and_tokenizer",
     "parse_args",
     "parse_config",
+    "resume_checkpoint",
     "validate",
 ]
 
@@ -170,11 +172,15 @@ class BatchSchedArguments:
         max_micro_batch_size (`int`, *optional*): largest chunk per forward/backward per device; defaults to
             ``per_device_train_batch_size``.
         lr_policy (`dict` or `str`, *optional*): an LR policy config (``hf_batchsched.schedules.lr``).
+        allow_schedule_change_on_resume (`bool`, *optional*, defaults to `False`): with ``resume_from_checkpoint``,
+            continue from the checkpoint's clock although the batch plan settings (schedule, micro-batch, world size,
+            ``num_train_epochs``, ``max_steps``) changed; without it such a resume is refused.
     """
 
     batch_schedule: dict | str | None = None
     max_micro_batch_size: int | None = None
     lr_policy: dict | str | None = None
+    allow_schedule_change_on_resume: bool = False
 
 
 @dataclass
@@ -290,7 +296,15 @@ def load_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).strip().splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r}{where}: invalid YAML ({problem}); fix the file") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text ({error.reason}); save it as UTF-8") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping, not {type(data).__name__}")
     return data
@@ -488,8 +502,17 @@ def load_model_and_tokenizer(args: RecipeArguments, train_texts: list[str] | Non
                 bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=torch.bfloat16,
             )
-        tokenizer = AutoTokenizer.from_pretrained(margs.model_name_or_path, trust_remote_code=margs.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(margs.model_name_or_path, **kwargs)
+        _check_model_source(margs.model_name_or_path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                margs.model_name_or_path, trust_remote_code=margs.trust_remote_code
+            )
+            model = AutoModelForCausalLM.from_pretrained(margs.model_name_or_path, **kwargs)
+        except OSError as error:  # a hub id that is neither cached nor reachable, or a folder without the files
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(
+                f"config key 'model_name_or_path': cannot load {margs.model_name_or_path!r}: {first_line}"
+            ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if pargs.peft in ("lora", "qlora"):
@@ -510,6 +533,24 @@ def load_model_and_tokenizer(args: RecipeArguments, train_texts: list[str] | Non
         )
         model = get_peft_model(model, config)
     return model, tokenizer
+
+
+def _check_model_source(name: str) -> None:
+    """Refuse a ``model_name_or_path`` that is neither an existing directory nor shaped like a hub id."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(
+                f"config key 'model_name_or_path': {name!r} is a file; give the model's directory (with config.json) "
+                "or a hub model id"
+            )
+        return
+    looks_like_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?", name) is not None
+    if not looks_like_hub_id:
+        raise ConfigError(
+            f"config key 'model_name_or_path': {name!r} does not exist (it is not a local directory, and not a hub "
+            "model id such as 'org/name'); check the path"
+        )
 
 
 def _raw_data(args: RecipeArguments):
@@ -636,6 +677,39 @@ def build_callbacks(args: RecipeArguments, trainer) -> list:
     return callbacks
 
 
+def _uses_batch_ramp(args: RecipeArguments) -> bool:
+    return args.schedule.batch_schedule is not None or args.schedule.lr_policy is not None
+
+
+def resume_checkpoint(args: RecipeArguments) -> str | None:
+    """The checkpoint the run resumes from (``resume_from_checkpoint``: ``true``, ``false`` or a path), or ``None``.
+
+    With a batch ramp it must be a complete ``BatchRampTrainer`` checkpoint (``hf_batchsched.checkpoint``); ``true``
+    takes the newest complete one in ``output_dir``. Refused with a ``ConfigError`` before anything is written.
+    """
+    value = args.training.resume_from_checkpoint
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", ""):
+        value = value.strip().lower() == "true"
+    if value is None or value is False:
+        return None
+    if _uses_batch_ramp(args):
+        from .checkpoint import find_resume_checkpoint
+
+        return find_resume_checkpoint(value, args.training.output_dir).path
+    if value is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(args.training.output_dir) if Path(args.training.output_dir).is_dir() else None
+        if last is None:
+            raise ConfigError(
+                f"resume_from_checkpoint: true, but output_dir {args.training.output_dir!r} has no checkpoint"
+            )
+        return last
+    if not Path(value).is_dir():
+        raise ConfigError(f"resume_from_checkpoint: {value!r} does not exist or is not a checkpoint folder")
+    return str(value)
+
+
 def build_trainer(args: RecipeArguments, model, tokenizer, train_dataset, eval_dataset=None):
     """A ``BatchRampTrainer`` (plain ``Trainer`` when neither a batch schedule nor an LR policy is set, e.g. for
     DeepSpeed) with the package's callbacks from the config."""
@@ -649,7 +723,7 @@ def build_trainer(args: RecipeArguments, model, tokenizer, train_dataset, eval_d
         data_collator=pad_collator(tokenizer),
         processing_class=tokenizer,
     )
-    if args.schedule.batch_schedule is None and args.schedule.lr_policy is None:
+    if not _uses_batch_ramp(args):
         trainer = Trainer(**kwargs)
     else:
         from .schedules.batch import batch_schedule_from_config
@@ -661,6 +735,7 @@ def build_trainer(args: RecipeArguments, model, tokenizer, train_dataset, eval_d
             batch_schedule=None if schedule is None else batch_schedule_from_config(schedule),
             max_micro_batch_size=args.schedule.max_micro_batch_size,
             lr_policy=args.schedule.lr_policy,
+            allow_schedule_change_on_resume=args.schedule.allow_schedule_change_on_resume,
         )
     build_callbacks(args, trainer)
     return trainer
@@ -672,12 +747,14 @@ def finetune(args: RecipeArguments):
     1. model and tokenizer (+ LoRA / QLoRA adapters); the embedded small Llama when no model is named;
     2. data: hub dataset, local JSON/JSONL, or the embedded text, tokenized (and packed) to ``max_seq_length``;
     3. trainer: ``BatchRampTrainer`` with the batch ramp and LR policy, plus every configured callback;
-    4. train, evaluate, save (unless ``save_strategy: "no"``).
+    4. train (``resume_from_checkpoint``: ``true`` for the newest complete checkpoint in ``output_dir``, or a
+       checkpoint path; checked before anything is loaded or written), evaluate, save (unless ``save_strategy: "no"``).
     """
+    resume = resume_checkpoint(args)
     model, tokenizer = load_model_and_tokenizer(args)
     train_dataset, eval_dataset = load_data(args, tokenizer)
     trainer = build_trainer(args, model, tokenizer, train_dataset, eval_dataset)
-    metrics = dict(trainer.train().metrics)
+    metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
     if eval_dataset is not None:
         metrics.update(trainer.evaluate())
     if args.training.save_strategy != "no":
