@@ -287,7 +287,7 @@ def _newest_complete_hint(directory: str, below: int | None) -> str:
     return f"the newest complete checkpoint before it is {point.path}: resume from it (or pass True)"
 
 
-def find_resume_checkpoint(resume_from_checkpoint, output_dir: str) -> ResumePoint | None:
+def find_resume_checkpoint(resume_from_checkpoint, output_dir: str, *, announce: bool = True) -> ResumePoint | None:
     """Resolve ``train(resume_from_checkpoint=...)`` to a complete checkpoint, or refuse it with a ``ConfigError``.
 
     Args:
@@ -295,6 +295,8 @@ def find_resume_checkpoint(resume_from_checkpoint, output_dir: str) -> ResumePoi
             the newest complete checkpoint in ``output_dir``; incomplete newer ones (a crash during their save) are
             passed over, with one log line. A path: that checkpoint, which must exist and be complete.
         output_dir (`str`): the run's ``TrainingArguments.output_dir``.
+        announce (`bool`, *optional*, defaults to `True`): log the passed-over checkpoints (``False`` on all but one
+            process of a distributed run).
     """
     if resume_from_checkpoint is None or resume_from_checkpoint is False:
         return None
@@ -310,7 +312,7 @@ def find_resume_checkpoint(resume_from_checkpoint, output_dir: str) -> ResumePoi
                 f"resume_from_checkpoint=True: no complete checkpoint in {output_dir!r}, only incomplete ones: "
                 f"{'; '.join(passed_over)}. A crash during the first save leaves none: start the run again"
             )
-        if passed_over:
+        if passed_over and announce:
             logger.warning(
                 "Resuming from %s, the newest complete checkpoint; passed over the incomplete %s",
                 point.path,

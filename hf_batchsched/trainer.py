@@ -367,6 +367,7 @@ class BatchRampMixin:
         self._batch_size_history: list[list[int]] = []  # [[global batch size, steps], ...] of this run so far
         self._plan_fingerprint: dict | None = None
         self._resumed_ramp_state: dict | None = None
+        self._resume_source: str | None = None
         self._step_hooks: list = []
         self._ramp_sampler: RampBatchSampler | None = None
         self._ramp_callback = _RampCallback(self)
@@ -418,13 +419,15 @@ class BatchRampMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint, and a resume is
         checked against this run (see ``hf_batchsched.checkpoint``); a mismatch raises ``ConfigError``."""
-        point = find_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        point = find_resume_checkpoint(
+            resume_from_checkpoint, self.args.output_dir, announce=self.is_world_process_zero()
+        )
         self.clock.load_state_dict(TrainingClock().state_dict())
         self.last_batch_size = self.last_micro_chunks = None
         self._batch_size_history, self._resumed_ramp_state = [], None
+        self._resume_source = point.path if point is not None else None
         if point is not None:
             self.load_ramp_state_dict(point.ramp_state, source=point.state_file)
-            self._resume_source = point.path
         # The sampler resumes from the clock; the Trainer's own skip (global_step x GAS batches) must not run.
         ignore_data_skip = self.args.ignore_data_skip
         self.args.ignore_data_skip = True
@@ -545,7 +548,7 @@ class BatchRampMixin:
             if not from_start:
                 raise ConfigError("the batch ramp plans no optimizer step; check num_train_epochs / max_steps")
             return from_start
-        source = getattr(self, "_resume_source", "the checkpoint")
+        source = self._resume_source or "the checkpoint"
         taken = expand_batch_sizes(saved["batch_sizes"])
         changes = plan_differences(saved["plan"], self._plan_fingerprint, PLAN_KEYS)
         if not changes and not getattr(self.batch_schedule, "online", False) and from_start[: len(taken)] != taken:

@@ -18,6 +18,13 @@ Several GPUs (DDP; FSDP with recipes/accelerate/fsdp.yaml), or torchrun:
         --config recipes/configs/ddp_lora.yaml
     torchrun --nproc_per_node 4 recipes/finetune.py --config recipes/configs/ddp_lora.yaml
 
+Resume a run that stopped (a crash, a preemption) from the newest complete checkpoint in its output_dir, or from a
+given checkpoint; a resume whose batch plan differs from the checkpoint's is refused unless
+``--allow_schedule_change_on_resume true``:
+
+    accelerate launch --config_file recipes/accelerate/single_gpu.yaml recipes/finetune.py \
+        --config recipes/configs/llama8b_lora.yaml --resume_from_checkpoint true
+
 Any key of the config can be overridden on the command line (``--learning_rate 1e-4``, ``--peft lora``,
 ``--batch_schedule '{"name": "constant", "batch_size": 64}'``). Bad keys or values stop with one line naming the
 key (exit code 2). The shared logic lives in ``hf_batchsched.recipe``.

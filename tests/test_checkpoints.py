@@ -287,8 +287,9 @@ def test_resume_checks_the_batch_sizes_already_taken(reference, tmp_path):
 
     make_trainer(tmp_path / "full", schedule=Ramp(8), num_train_epochs=1).train()  # 4 4 8 8 8 8
     checkpoint = str(tmp_path / "full" / "checkpoint-4")
+    other = make_trainer(tmp_path / "other", schedule=Ramp(16), num_train_epochs=1)
     with pytest.raises(ConfigError, match=r"step 3, already taken, had batch size 8; this run plans 4"):
-        make_trainer(tmp_path / "other", schedule=Ramp(16), num_train_epochs=1).train(resume_from_checkpoint=checkpoint)
+        other.train(resume_from_checkpoint=checkpoint)
 
 
 def test_dataset_and_seed_must_match_even_when_changes_are_allowed(reference, tmp_path):
@@ -305,3 +306,23 @@ def test_resume_past_the_end_says_so(reference, tmp_path):
     more = make_trainer(tmp_path / "b", num_train_epochs=3, allow_schedule_change_on_resume=True)
     more.train(resume_from_checkpoint=final)  # a third pass, on purpose: 40 more samples at 16 16 8
     assert more.state.global_step == STEPS + 3 and more.clock.consumed_samples == 120
+
+
+# ---- DDP -----------------------------------------------------------------------------------------------------------
+@pytest.mark.distributed
+def test_resume_true_under_ddp_is_bit_exact_on_every_rank(tmp_path):
+    """torchrun, 2 CPU processes: every rank restores its own RNG state (rng_state_<rank>.pth, listed in the
+    checkpoint), resume=True passes over the incomplete checkpoint-6 on rank 0 only, and the resumed run equals the
+    uninterrupted one on both ranks."""
+    from conftest import run_torchrun
+
+    ranks = run_torchrun(os.path.join(os.path.dirname(__file__), "ddp_resume_worker.py"), tmp_path)
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["plan"] == [4, 4, 8, 8, 16, 16, 16, 8]
+    for record in ranks:
+        assert record["resumed"] == record["full"] and record["params_equal"]
+    assert (
+        len(ranks[0]["passed_over"]) == 1
+        and "checkpoint-6 (trainer_state.json is missing" in ranks[0]["passed_over"][0]
+    )
+    assert ranks[1]["passed_over"] == []

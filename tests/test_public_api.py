@@ -20,6 +20,7 @@ PUBLIC_MODULES = [
     "hf_batchsched.data",
     "hf_batchsched.bench",
     "hf_batchsched.trainer",
+    "hf_batchsched.checkpoint",
     "hf_batchsched.schedules.batch",
     "hf_batchsched.schedules.lr",
     "hf_batchsched.schedules.adaptive",
