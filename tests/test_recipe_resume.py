@@ -144,6 +144,9 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(recipe_config, tmp_pat
     line = _one_line_error([*config, "--model_name_or_path", str(missing)], capsys)
     assert f"'model_name_or_path': {str(missing)!r} does not exist" in line
 
+    line = _one_line_error([*config, "--model_name_or_path", "no-such-org/no-such-model"], capsys)  # hub offline
+    assert "'model_name_or_path': cannot load 'no-such-org/no-such-model'" in line
+
     line = _one_line_error([*config, "--resume_from_checkpoint", str(tmp_path / "checkpoint-9")], capsys)
     assert "checkpoint-9' does not exist" in line
 
