@@ -30,15 +30,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, check_choice
-from ._utils import is_distributed
+from ._utils import available_memory, is_distributed, saved_tensor_bytes
 
 __all__ = [
     "HVP_METHODS",
     "LanczosResult",
+    "PreservedState",
     "ProbeObjective",
     "default_batch_weight",
     "default_loss_fn",
-    "fd_step_for_dtype",
+    "default_fd_step",
     "lanczos",
     "power_iteration",
     "preserved_model_state",
@@ -56,6 +57,8 @@ _NO_DOUBLE_BACKWARD = re.compile(
     re.IGNORECASE,
 )
 _REENTRANT_CHECKPOINT = re.compile(r"Checkpointing is not compatible|incompatible with \.grad\(\)", re.IGNORECASE)
+# A kept graph whose saved tensors a later forward changed in place (e.g. BatchNorm running statistics in train mode)
+_MODIFIED_IN_PLACE = re.compile(r"modified by an inplace operation", re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -63,8 +66,27 @@ _REENTRANT_CHECKPOINT = re.compile(r"Checkpointing is not compatible|incompatibl
 # --------------------------------------------------------------------------------------------------------------
 
 
+class PreservedState:
+    """What :func:`preserved_model_state` saved on entry; a probe built inside the block reads its parameter
+    copies instead of making its own (:class:`ProbeObjective` ``preserved=``)."""
+
+    def __init__(self, params: Sequence[nn.Parameter], values: Sequence[torch.Tensor | None]):
+        self._values = {id(p): (p, value) for p, value in zip(params, values) if value is not None}
+
+    def value_of(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The copy of ``param`` saved on entry if ``param`` still holds exactly that value, else ``None``.
+
+        The copy is the one restored on exit: read it, never write to it.
+        """
+        entry = self._values.get(id(param))
+        if entry is None or entry[0] is not param:
+            return None
+        value = entry[1]
+        return value if value.shape == param.shape and torch.equal(value, param.detach()) else None
+
+
 @contextlib.contextmanager
-def preserved_model_state(model: nn.Module, train_mode: bool = False) -> Iterator[None]:
+def preserved_model_state(model: nn.Module, train_mode: bool = False) -> Iterator[PreservedState]:
     """Run a probe on ``model`` and restore everything it could change, bit for bit, on exit.
 
     Inside the block the model is in eval mode (dropout off, BatchNorm on running statistics), or in train mode
@@ -74,6 +96,9 @@ def preserved_model_state(model: nn.Module, train_mode: bool = False) -> Iterato
     copied, so a frozen 4-bit or 7B base costs no extra memory), every ``requires_grad`` flag, every buffer,
     every ``.grad`` (``None`` stays ``None``), each module's ``training`` flag, and the RNG states of torch (CPU,
     and CUDA when initialised), numpy and ``random``.
+
+    Yields a :class:`PreservedState`: pass it as ``ProbeObjective(..., preserved=state)`` so the probe's base
+    point is the copy made here (one copy of the trainable parameters in all, not two).
 
     Example:
 
@@ -110,7 +135,7 @@ def preserved_model_state(model: nn.Module, train_mode: bool = False) -> Iterato
         for p in params:
             p.grad = None
         model.train(train_mode)
-        yield
+        yield PreservedState(params, saved_values)
     finally:
         for module, flag in repacking:
             module.support_avx512bf16_for_cpu = flag
@@ -177,17 +202,30 @@ def default_batch_weight(batch) -> float:
     return 1.0
 
 
-def fd_step_for_dtype(dtype: torch.dtype) -> float:
-    """Central-difference step for a unit direction: the cube root of the dtype's machine epsilon.
+def default_fd_step(dtype: torch.dtype, reference_rms: float = 1.0, base_norm: float = 0.0) -> float:
+    """Central-difference step along a unit direction: ``u^(1/3) * rms(x)``, at least ``8 * u * ||x_stored||``.
 
-    The central difference ``(g(x+hv) - g(x-hv)) / 2h`` has truncation error ``O(h^2)`` and rounding error
-    ``O(u/h)`` (``u`` the unit roundoff); ``h ~ u^(1/3)`` balances them. This gives the steps
-    hessian-eigenthings uses (fp64 6e-6, fp32 5e-3, bf16 0.2; fp16 is 2x its 5e-2).
+    ``u`` is the machine epsilon of the lowest-precision variable, ``rms(x)`` the root mean square of the point's
+    entries (the parameters, or the merged LoRA weights with ``merged=True``; 1 if they are all zero) and
+    ``||x_stored||`` the norm of the values the perturbation is added to (the parameters; 0 for merged offsets).
 
-    >>> [f"{fd_step_for_dtype(d):.1e}" for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)]
-    ['6.1e-06', '4.9e-03', '2.0e-01', '9.9e-02']
+    - ``(g(x+hv) - g(x-hv)) / 2h`` has truncation error ``~h^2 * |D^3 f(x)[v, v]| / 6`` and rounding error
+      ``~u / h`` times the gradient's scale; ``h = u^(1/3)`` balances them for a function that varies over unit
+      lengths. A network's loss varies over the scale of its weights: the top Hessian direction is concentrated
+      on few entries, and moving them by a fraction of their own size changes the curvature by as much. So the
+      length unit is ``rms(x)`` (about 0.02-0.1 for transformer weights), not 1 and not ``||x||`` (which grows
+      as ``sqrt(n)``); see the README for the measured errors of each choice.
+    - The perturbation is rounded to the stored dtype entry by entry, an error of norm up to ``0.29 * u * ||x||``;
+      the floor keeps it under 4% of the step (it binds in bf16, or in fp32 beyond ~17M spread-out entries).
+
+    >>> f"{default_fd_step(torch.float32, reference_rms=0.05):.1e}", f"{default_fd_step(torch.float64):.1e}"
+    ('2.5e-04', '6.1e-06')
+    >>> f"{default_fd_step(torch.bfloat16, reference_rms=0.05, base_norm=30.0):.2f}"  # the rounding floor binds
+    '1.88'
     """
-    return float(torch.finfo(dtype).eps) ** (1.0 / 3.0)
+    eps = float(torch.finfo(dtype).eps)
+    scale = reference_rms if reference_rms > 0 and math.isfinite(reference_rms) else 1.0
+    return max(eps ** (1.0 / 3.0) * scale, 8.0 * eps * base_norm)
 
 
 class _Space:
@@ -204,7 +242,7 @@ class _Space:
 
 
 class _ParameterSpace(_Space):
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, preserved: PreservedState | None = None):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ConfigError(
@@ -213,7 +251,9 @@ class _ParameterSpace(_Space):
             )
         self.names = [n for n, _ in named]
         self.variables = [p for _, p in named]
-        self.base = [p.detach().clone() for p in self.variables]
+        # the copy preserved_model_state already made, when the parameter still holds it; else a copy of our own
+        saved = [preserved.value_of(p) if preserved is not None else None for p in self.variables]
+        self.base = [value if value is not None else p.detach().clone() for p, value in zip(self.variables, saved)]
 
     def reference(self) -> list[torch.Tensor]:
         return self.base
@@ -293,8 +333,9 @@ class ProbeObjective:
 
     ``f`` is the weighted mean of ``loss_fn(model, batch)`` over ``batches`` (weights from ``weight_fn``, by
     default the number of target tokens or samples), evaluated at ``variables = base + delta``. Build it inside
-    :func:`preserved_model_state`; call :meth:`close` when done (it removes the merged-space hooks and puts the
-    variables back).
+    :func:`preserved_model_state` (pass the state it yields as ``preserved=``, so the base point is its copy of the
+    parameters rather than a second one); call :meth:`close` when done (it frees kept graphs, removes the
+    merged-space hooks and puts the variables back).
 
     Under ``torch.distributed`` (``distributed=None`` detects it), every sum over batches is all-reduced, so each
     rank passes its own share of the probe batches (possibly none) and every rank gets the same numbers; every
@@ -302,6 +343,19 @@ class ProbeObjective:
 
     Before each batch the global torch RNG is re-seeded from ``seed`` and the batch index, so with
     ``train_mode=True`` dropout draws the same masks at every evaluation and ``f`` stays a fixed function.
+
+    **Exact HVPs and graph reuse.** An exact HVP needs each batch's first-order graph (forward, then the gradient
+    with ``create_graph=True``); the HVP itself is one more backward through it. Since the batches and the base
+    point are fixed, a kept graph serves every later HVP at the base point: ``reuse_graph=True`` keeps all of
+    them (memory: the activations and gradient graph of every batch at once), ``False`` rebuilds them at every
+    HVP (memory: one batch's), and ``None`` (default) keeps a batch's graph while the kept graphs' measured size
+    (the bytes of the tensors they save, parameters excluded) stays within half the memory available on the
+    device when the first HVP starts; batches beyond that are rebuilt each time. Any change of the variables
+    (:meth:`set_offset` with an offset, e.g. a loss or gradient away from the base) frees the kept graphs. If a
+    kept graph turns out stale because a later forward changed a tensor it saved in place (BatchNorm running
+    statistics with ``train_mode=True`` and several batches), the HVP is redone without reuse for good.
+    :attr:`num_forwards`, :attr:`num_graph_builds`, :attr:`graph_bytes` and :attr:`kept_graphs` report what
+    happened.
     """
 
     def __init__(
@@ -315,8 +369,12 @@ class ProbeObjective:
         fd_step: float | None = None,
         seed: int = 0,
         distributed: bool | None = None,
+        reuse_graph: bool | None = None,
+        preserved: PreservedState | None = None,
     ):
         check_choice("hvp_method", hvp_method, HVP_METHODS)
+        if reuse_graph not in (None, True, False):
+            raise ConfigError(f"reuse_graph must be True, False or None (automatic), got {reuse_graph!r}")
         if isinstance(batches, dict) or not isinstance(batches, Sequence):
             batches = [batches] if isinstance(batches, dict) else list(batches)
         self.model = model
@@ -327,7 +385,7 @@ class ProbeObjective:
         self.loss_fn = loss_fn or default_loss_fn
         weight_fn = weight_fn or default_batch_weight
         self.seed = seed
-        self.space: _Space = _MergedLoraSpace(model) if merged else _ParameterSpace(model)
+        self.space: _Space = _MergedLoraSpace(model) if merged else _ParameterSpace(model, preserved)
         if merged:  # only the offsets are differentiated: no graph work for the adapter weights
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -336,8 +394,7 @@ class ProbeObjective:
         self.numel = sum(v.numel() for v in self.variables)
         self.device = self.variables[0].device
         self.dtype = torch.float64 if any(v.dtype == torch.float64 for v in self.variables) else torch.float32
-        lowest = min((v.dtype for v in self.variables), key=lambda d: torch.finfo(d).bits)
-        self.fd_step = fd_step if fd_step is not None else fd_step_for_dtype(lowest)
+        self._fd_step = fd_step
         weights = torch.tensor([float(weight_fn(b)) for b in self.batches], dtype=torch.float64)
         total = self._reduce(weights.sum().reshape(1).to(self.device))
         self.total_weight = float(total)
@@ -345,6 +402,7 @@ class ProbeObjective:
             raise ConfigError("the probe batches have zero total weight (no target tokens); check their labels")
         self.scales = (weights / self.total_weight).tolist()
         self.hvp_method = hvp_method
+        self.reuse_graph = reuse_graph
         self._packed_4bit = [
             name
             for name, module in model.named_modules()
@@ -352,6 +410,12 @@ class ProbeObjective:
         ]
         self.num_evals = 0
         self.num_hvps = 0
+        self.num_forwards = 0
+        self.num_graph_builds = 0
+        self.graph_bytes: dict[int, int] = {}
+        self._graphs: dict[int, list[torch.Tensor | None]] = {}
+        self._graph_budget: float | None = None
+        self._offset_applied = False
         self._use_backward = False
 
     # -- helpers --------------------------------------------------------------------------------------------
@@ -375,21 +439,50 @@ class ProbeObjective:
         """The current point x as a flat vector (the merged weights with ``merged=True``)."""
         return self.flatten(self.space.reference())
 
+    @property
+    def fd_step(self) -> float:
+        """Finite-difference step along a unit direction: ``fd_step=`` if given, else :func:`default_fd_step`."""
+        if self._fd_step is None:
+            lowest = min((v.dtype for v in self.variables), key=lambda d: torch.finfo(d).bits)
+            with torch.no_grad():
+                square = sum(float(r.detach().double().square().sum()) for r in self.space.reference())
+                stored = math.sqrt(sum(float(b.double().square().sum()) for b in self.space.base))
+            self._fd_step = default_fd_step(lowest, math.sqrt(square / self.numel), stored)
+        return self._fd_step
+
+    @property
+    def kept_graphs(self) -> int:
+        """How many probe batches' first-order graphs are kept for the next exact HVP."""
+        return len(self._graphs)
+
+    def release_graphs(self) -> None:
+        """Free the kept first-order graphs (the next exact HVP rebuilds what it needs)."""
+        self._graphs = {}
+
     @torch.no_grad()
     def set_offset(self, delta: torch.Tensor | None) -> None:
-        """Set the variables to ``base + delta`` (``None``: exactly back to base, bit for bit)."""
+        """Set the variables to ``base + delta`` (``None``: exactly back to base, bit for bit).
+
+        An offset frees the kept HVP graphs; ``None`` when the variables are already at base does nothing.
+        """
+        if delta is None and not self._offset_applied:
+            return
+        self.release_graphs()
         chunks = self.unflatten(delta) if delta is not None else [None] * len(self.variables)
         for var, base, chunk in zip(self.variables, self.space.base, chunks):
             var.copy_(base)
             if chunk is not None:
                 var.add_(chunk.to(var.dtype))
+        self._offset_applied = delta is not None
 
     def close(self) -> None:
+        self.release_graphs()
         self.set_offset(None)
         self.space.close()
 
     def _batch_loss(self, index: int, batch) -> torch.Tensor:
         torch.manual_seed((self.seed * 1_000_003 + index) % (2**63))
+        self.num_forwards += 1
         try:
             loss = self.loss_fn(self.model, batch)
         except torch.OutOfMemoryError as error:
@@ -460,18 +553,50 @@ class ProbeObjective:
         total, grad = self._reduce(total), self._reduce(grad)
         return float(total), grad
 
+    def _first_order_graph(self, index: int, batch) -> tuple[list[torch.Tensor | None], bool]:
+        """Batch ``index``'s gradient with its graph (``create_graph=True``), and whether to keep it."""
+        self.num_graph_builds += 1
+        if self.reuse_graph is not None:
+            return self._batch_loss_and_grad(index, batch, create_graph=True)[1], self.reuse_graph
+        if self._graph_budget is None:  # half of what is free before the first graph exists
+            self._graph_budget = 0.5 * available_memory(self.device)
+        excluded = [*self.model.parameters(), *self.model.buffers(), *self.variables]
+        with saved_tensor_bytes(exclude=excluded) as saved:
+            grads = self._batch_loss_and_grad(index, batch, create_graph=True)[1]
+        size = saved["bytes"] + sum(g.numel() * g.element_size() for g in grads if g is not None)
+        self.graph_bytes[index] = size
+        kept = sum(self.graph_bytes[i] for i in self._graphs)
+        return grads, kept + size <= self._graph_budget
+
     def _hvp_exact(self, vector: torch.Tensor) -> torch.Tensor:
         pieces = self.unflatten(vector)
         out = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         with torch.enable_grad():
             for index, batch in enumerate(self.batches):
-                _, grads = self._batch_loss_and_grad(index, batch, create_graph=True)
+                grads, reused = self._graphs.get(index), index in self._graphs
+                keep = reused
+                if grads is None:
+                    grads, keep = self._first_order_graph(index, batch)
+                    if keep:
+                        self._graphs[index] = grads
                 pairs = [(g, p.to(g.dtype)) for g, p in zip(grads, pieces) if g is not None and g.requires_grad]
                 if not pairs:
                     continue
-                hv = torch.autograd.grad(
-                    [g for g, _ in pairs], self.variables, grad_outputs=[p for _, p in pairs], allow_unused=True
-                )
+                try:
+                    hv = torch.autograd.grad(
+                        [g for g, _ in pairs],
+                        self.variables,
+                        grad_outputs=[p for _, p in pairs],
+                        allow_unused=True,
+                        retain_graph=keep,
+                    )
+                except RuntimeError as error:
+                    if not reused or not _MODIFIED_IN_PLACE.search(str(error)):
+                        raise
+                    logger.info("a kept HVP graph went stale (%s); rebuilding graphs at every HVP", error)
+                    self.release_graphs()
+                    self.reuse_graph = False
+                    return self._hvp_exact(vector)
                 out += self.flatten(hv)
         return out
 
@@ -491,7 +616,8 @@ class ProbeObjective:
 
         With ``hvp_method="auto"`` the first call tries double backprop and, if the model cannot be differentiated
         twice (SDPA/flash attention "derivative ... not implemented", reentrant checkpointing), switches to finite
-        differences for good; :attr:`hvp_method` then says which one was used.
+        differences for good; :attr:`hvp_method` then says which one was used. Exact HVPs reuse kept first-order
+        graphs (see the class docstring).
         """
         self.num_hvps += 1
         vector = vector.to(self.device, self.dtype)
@@ -501,6 +627,7 @@ class ProbeObjective:
         try:
             out = self._hvp_exact(vector)
         except RuntimeError as error:
+            self.release_graphs()
             if self.hvp_method != "auto" or not _NO_DOUBLE_BACKWARD.search(str(error)):
                 raise
             logger.info("double backprop unavailable (%s); using finite-difference HVPs", str(error).splitlines()[0])

@@ -15,7 +15,8 @@ and leave the model exactly as found (see :func:`~hf_batchsched.probes.hvp.prese
 | ``lambda_max`` | top Hessian eigenvalue, Lanczos on HVPs | ``<= max_steps`` HVPs (+ as many for EoS) |
 | ``trace`` | Hutchinson estimate of ``tr(H)`` with its standard error | ``num_probes`` HVPs |
 
-An exact HVP (double backprop) costs about 2-3 forward+backward passes, a finite-difference one 2.
+An exact HVP (double backprop) reuses each probe batch's first-order graph (built once per probe, memory
+permitting) and then costs one double backward, about 1.3-1.9 forward+backward passes; a finite-difference one 2.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, check_choice, check_positive
+from ._subspace import random_subspace
 from .hvp import ProbeObjective, lanczos, preserved_model_state
 
 __all__ = [
@@ -55,8 +57,9 @@ def _probe(
     distributed: bool | None,
     hvp_method: str = "auto",
     fd_step: float | None = None,
+    reuse_graph: bool | None = None,
 ) -> Iterator[ProbeObjective]:
-    with preserved_model_state(model, train_mode=train_mode):
+    with preserved_model_state(model, train_mode=train_mode) as preserved:
         objective = ProbeObjective(
             model,
             batches,
@@ -67,6 +70,8 @@ def _probe(
             fd_step=fd_step,
             seed=seed,
             distributed=distributed,
+            reuse_graph=reuse_graph,
+            preserved=preserved,
         )
         try:
             yield objective
@@ -153,6 +158,7 @@ def keskar_sharpness(
     eps: float = 1e-3,
     subspace_dim: int | None = 100,
     maxiter: int = 10,
+    cache_subspace: bool = True,
     loss_fn: Callable | None = None,
     weight_fn: Callable | None = None,
     merged: bool = False,
@@ -163,11 +169,14 @@ def keskar_sharpness(
     """Keskar et al. (ICLR 2017) metric 2.1: ``100 * (max_{y in C} f(x + A y) - f(x)) / (1 + f(x))``.
 
     ``C`` is the box ``|y_i| <= eps * (|(A^+ x)_i| + 1)``; ``A`` is ``n x subspace_dim`` with orthonormal random
-    columns (QR of a Gaussian matrix, so ``A^+ = A^T``), or the identity with ``subspace_dim=None`` (full space).
-    The maximum is sought with ``maxiter`` iterations of scipy's L-BFGS-B from ``y = 0``, as in the paper, and
-    the best evaluated point is reported. Cost: ``keskar_evals`` forward+backward passes over the probe set (the
-    line search makes it 11 to ~4x ``maxiter``; 40 measured on a tiny Llama),
-    plus ``n * subspace_dim`` floats for ``A`` (fine for LoRA adapters, not for full 7B weights).
+    columns (an orthonormal basis of the span of a Gaussian matrix drawn from ``seed``, so ``A^+ = A^T``; see
+    :class:`~hf_batchsched.probes._subspace.RandomSubspace`), or the identity with ``subspace_dim=None`` (full
+    space). The maximum is sought with ``maxiter`` iterations of scipy's L-BFGS-B from ``y = 0``, as in the
+    paper, and the best evaluated point is reported. Cost: ``keskar_evals`` forward+backward passes over the probe
+    set (the line search makes it 11 to ~4x ``maxiter``; 40 measured on a tiny Llama), each with two ``n x p``
+    matrix-vector products. ``A`` takes ``n * subspace_dim`` values of the parameters' dtype (fine for LoRA
+    adapters, not for full 7B weights); it is drawn on the first call and kept with the model for the next calls
+    with the same seed, size and ``subspace_dim`` (it depends on nothing else), unless ``cache_subspace=False``.
 
     Away from a minimum the metric is first order: ``keskar_first_order`` reports the linear prediction
     ``100 * sum_i |g_i| * halfwidth_i / (1 + f)``; when the two agree, the metric measures a weighted L1 gradient
@@ -180,6 +189,9 @@ def keskar_sharpness(
             Random subspace dimension ``p`` (clipped to ``n``); ``None`` for the full space.
         maxiter (`int`, *optional*, defaults to `10`):
             L-BFGS-B iterations.
+        cache_subspace (`bool`, *optional*, defaults to `True`):
+            Keep ``A`` with the model for later calls (one per model, freed with it); ``False`` draws it for this
+            call only.
         loss_fn, weight_fn, merged, train_mode, seed, distributed:
             See :func:`estimate_sharpness`.
 
@@ -193,25 +205,24 @@ def keskar_sharpness(
     check_positive("maxiter", maxiter)
     if subspace_dim is not None:
         check_positive("subspace_dim", subspace_dim)
-    generator = _generator(seed)
     with _probe(model, batches, loss_fn, weight_fn, merged, train_mode, seed, distributed) as objective:
-        x = objective.reference().double()
         if subspace_dim is None:
             basis = None
-            center = x
+            center = objective.reference().double()
         else:
             dim = min(int(subspace_dim), objective.numel)
-            gaussian = torch.randn(objective.numel, dim, generator=generator, dtype=torch.float64)
-            basis = torch.linalg.qr(gaussian.to(objective.device, objective.dtype)).Q
-            center = basis.T.double() @ x
+            basis = random_subspace(
+                model, objective.numel, dim, seed, objective.dtype, objective.device, cache=cache_subspace
+            )
+            center = basis.project(objective.reference())
         half = (eps * (center.abs() + 1.0)).cpu().numpy()
         state: dict[str, float] = {"best": -math.inf}
 
         def negative_loss(y: np.ndarray) -> tuple[float, np.ndarray]:
             y_t = torch.from_numpy(y).to(objective.device, objective.dtype)
-            delta = y_t if basis is None else basis @ y_t
+            delta = y_t if basis is None else basis.expand(y_t)
             value, grad = objective.loss_and_grad(delta)
-            grad_y = grad if basis is None else basis.T @ grad
+            grad_y = grad if basis is None else basis.project(grad)
             grad_y = grad_y.double().cpu().numpy()
             if "f0" not in state:
                 state["f0"], state["g0"] = value, grad_y
@@ -298,6 +309,7 @@ def lambda_max(
     tol: float = 1e-3,
     hvp_method: str = "auto",
     fd_step: float | None = None,
+    reuse_graph: bool | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     lr: float | None = None,
     loss_fn: Callable | None = None,
@@ -311,8 +323,10 @@ def lambda_max(
 
     HVPs are exact (double backprop) where the model supports it and central finite differences otherwise;
     ``hvp_method="auto"`` tries double backprop and falls back on the SDPA/flash-attention "derivative ... not
-    implemented" error and on reentrant checkpointing. ``fd_step`` defaults to the cube root of the machine
-    epsilon of the lowest-precision variable (see :func:`~hf_batchsched.probes.hvp.fd_step_for_dtype`).
+    implemented" error and on reentrant checkpointing. ``fd_step`` defaults to ``u^(1/3) * rms(x)``, ``u`` the
+    machine epsilon of the lowest-precision variable and ``rms(x)`` the root mean square of the parameters (see
+    :func:`~hf_batchsched.probes.hvp.default_fd_step`). Exact HVPs build each probe batch's first-order graph
+    once and reuse it for every Lanczos step while the graphs fit in half the free memory (``reuse_graph``).
 
     Edge of stability (Cohen et al. 2021, 2022): with ``optimizer`` holding Adam(W) statistics, the
     preconditioned sharpness ``lambda_1(P^-1 H)`` with ``P = (1-beta1^t)(sqrt(v_hat) + eps)`` is compared to
@@ -329,7 +343,12 @@ def lambda_max(
         hvp_method (`str`, *optional*, defaults to `"auto"`):
             ``"auto"``, ``"exact"`` (double backprop) or ``"fd"`` (central finite differences).
         fd_step (`float`, *optional*):
-            Finite-difference step along a unit direction.
+            Finite-difference step along a unit direction (default: see above).
+        reuse_graph (`bool`, *optional*):
+            Keep each probe batch's first-order graph across exact HVPs: ``True`` always (fastest; memory of all
+            batches' graphs at once), ``False`` never (memory of one batch's graph; rebuilt at every HVP), ``None``
+            (default) while the kept graphs' measured size fits in half the memory available when the first HVP
+            starts. See :class:`~hf_batchsched.probes.hvp.ProbeObjective`.
         optimizer (`torch.optim.Optimizer`, *optional*):
             The training optimizer, for the EoS ratio (Adam statistics when it has them).
         lr (`float`, *optional*):
@@ -345,7 +364,7 @@ def lambda_max(
     check_positive("tol", tol)
     generator = _generator(seed)
     with _probe(
-        model, batches, loss_fn, weight_fn, merged, train_mode, seed, distributed, hvp_method, fd_step
+        model, batches, loss_fn, weight_fn, merged, train_mode, seed, distributed, hvp_method, fd_step, reuse_graph
     ) as objective:
         like = torch.zeros(1, dtype=objective.dtype, device=objective.device)
         result = lanczos(objective.hvp, objective.numel, max_steps, tol, generator, like=like)
@@ -363,6 +382,7 @@ def hessian_trace(
     num_probes: int = 10,
     hvp_method: str = "auto",
     fd_step: float | None = None,
+    reuse_graph: bool | None = None,
     loss_fn: Callable | None = None,
     weight_fn: Callable | None = None,
     merged: bool = False,
@@ -378,7 +398,7 @@ def hessian_trace(
     Args:
         num_probes (`int`, *optional*, defaults to `10`):
             Rademacher probes (HVPs), at least 2.
-        hvp_method, fd_step:
+        hvp_method, fd_step, reuse_graph:
             See :func:`lambda_max`.
         loss_fn, weight_fn, merged, train_mode, seed, distributed:
             See :func:`estimate_sharpness`.
@@ -390,7 +410,7 @@ def hessian_trace(
         raise ConfigError(f"num_probes must be >= 2 to give a standard error, got {num_probes}")
     generator = _generator(seed)
     with _probe(
-        model, batches, loss_fn, weight_fn, merged, train_mode, seed, distributed, hvp_method, fd_step
+        model, batches, loss_fn, weight_fn, merged, train_mode, seed, distributed, hvp_method, fd_step, reuse_graph
     ) as objective:
         samples = []
         for _ in range(num_probes):
