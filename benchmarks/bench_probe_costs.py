@@ -21,6 +21,7 @@ Run: ``.venv/bin/python benchmarks/bench_probe_costs.py [--quick]``; writes ``be
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import pathlib
@@ -192,11 +193,15 @@ def fd_accuracy(name: str, model, batches, steps: int) -> dict:
         value = lambda_max(model, batches, hvp_method="fd", fd_step=step, **options)["lambda_max"]
         row["relative_error"][label] = value / exact - 1
         row["steps"][label] = step
+    # the same weights in bf16, default step, against the fp32 exact value
+    bf16 = lambda_max(copy.deepcopy(model).to(torch.bfloat16), batches, hvp_method="fd", **options)["lambda_max"]
+    row["bf16_default_relative_error"] = bf16 / exact - 1
     print(
         f"  {name}: exact lambda_max {exact:.4g}; FD relative error "
         + ", ".join(
             f"{label} (h={row['steps'][label]:.2g}) {err:+.2e}" for label, err in row["relative_error"].items()
-        ),
+        )
+        + f"; bf16 weights, default step {row['bf16_default_relative_error']:+.2e}",
         flush=True,
     )
     return row
@@ -385,6 +390,22 @@ def main() -> None:
     difference = keskar["keskar_relative_difference_current_vs_before"]
     print(f"  parameter copies per probe: {keskar['parameter_copies_per_probe']}; value vs before: {difference:.1e}")
 
+    fd_errors = [row["relative_error"] for row in results["fd"].values()]
+    results["summary"] = {
+        "hvp_ours_over_pyhessian_style_lora": results["hvp"]["lora_h64"]["ours_over_reference"],
+        "hvp_ours_over_pyhessian_style_full": results["hvp"]["full_h64"]["ours_over_reference"],
+        "hvp_ours_over_pyhessian_style_max": max(row["ours_over_reference"] for row in results["hvp"].values()),
+        "fd_lambda_max_max_abs_error_default": max(abs(e["default u^(1/3) * rms(w)"]) for e in fd_errors),
+        "fd_lambda_max_max_abs_error_previous": max(abs(e["previous u^(1/3)"]) for e in fd_errors),
+        "keskar_cost_later_calls_over_before": keskar["fwd_bwd_equivalents"]["current_later_calls"]
+        / keskar["fwd_bwd_equivalents"]["before"],
+        "keskar_cost_first_call_over_before": keskar["fwd_bwd_equivalents"]["current_first_call"]
+        / keskar["fwd_bwd_equivalents"]["before"],
+        "keskar_peak_memory_first_call_over_before": keskar["peak_mib"]["current_first_call"]
+        / keskar["peak_mib"]["before"],
+    }
+    for key, value in results["summary"].items():
+        print(f"  {key}: {value:.3g}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
     print(f"wrote {RESULTS}")

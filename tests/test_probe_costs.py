@@ -239,6 +239,14 @@ def test_finite_difference_lambda_max_matches_exact_on_a_low_curvature_full_mode
     assert abs(old / exact - 1) > 3e-3
 
 
+def test_low_precision_finite_differences_warn_once(caplog):
+    model, batches = _mlp(torch.bfloat16), _classification_batches(torch.bfloat16)
+    with caplog.at_level("WARNING", logger="hf_batchsched.probes.hvp"):
+        lambda_max(model, batches, loss_fn=_ce, hvp_method="fd", max_steps=3)
+    warnings = [r for r in caplog.records if "finite-difference HVPs on torch.bfloat16" in r.getMessage()]
+    assert len(warnings) == 1
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Keskar's subspace: drawn once per model, seed and size
 # ----------------------------------------------------------------------------------------------------------

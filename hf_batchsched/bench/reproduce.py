@@ -1063,6 +1063,28 @@ OVERHEAD_SOURCES: dict[str, tuple[str, list[tuple[str, str, str]], str]] = {
         ],
         "python benchmarks/bench_sharpness.py",
     ),
+    "probe_costs": (
+        "probe_costs.json",
+        [
+            (
+                "exact HVP / PyHessian-style HVP (first-order graph kept), full tiny Llama",
+                "summary.hvp_ours_over_pyhessian_style_full",
+                "x",
+            ),
+            ("same, LoRA adapters", "summary.hvp_ours_over_pyhessian_style_lora", "x"),
+            (
+                "Keskar call after the first (subspace kept) / before the change, forward+backward equivalents",
+                "summary.keskar_cost_later_calls_over_before",
+                "x",
+            ),
+            (
+                "Keskar first call, peak memory / before the change",
+                "summary.keskar_peak_memory_first_call_over_before",
+                "x",
+            ),
+        ],
+        "python benchmarks/bench_probe_costs.py",
+    ),
     "noise_scale": (
         "noise_scale.json",
         [
