@@ -1,7 +1,7 @@
 """Checkpoints of a ``BatchRampTrainer``: when one is complete, which one a resume uses, what a resume checks.
 
-The ramp state (the clock, the global batch size of every step so far, and a fingerprint of what the batch plan
-depends on) lives in the checkpoint's ``trainer_state.json``, under
+The ramp state (the clock, the sampler's stream position in dataset rows, the global batch size of every step so
+far, and a fingerprint of what the batch plan depends on) lives in the checkpoint's ``trainer_state.json``, under
 ``stateful_callbacks["hf_batchsched.BatchRampTrainer"]``; there is no other file. The Trainer writes
 ``trainer_state.json`` after the model, optimizer, scheduler and RNG files and before it deletes old checkpoints
 (``save_total_limit``), and ``BatchRampTrainer`` writes it atomically (a temporary file, then a rename) with the
@@ -73,6 +73,8 @@ PLAN_KEYS = (
     "rounding",
     "num_train_epochs",
     "max_steps",
+    "train_sampling_strategy",
+    "dataloader_drop_last",
 )
 STREAM_KEYS = ("dataset_size", "seed")
 
@@ -163,9 +165,11 @@ def validate_ramp_state(state, source: str) -> None:
 
     if not isinstance(state, Mapping):
         raise damaged(f"expected a JSON object, found {type(state).__name__}")
-    for key in ("clock", "batch_sizes", "plan", "save_only_model", "checkpoint_files"):
+    for key in ("clock", "consumed_rows", "batch_sizes", "plan", "save_only_model", "checkpoint_files"):
         if key not in state:
             raise damaged(f"the key {key!r} is missing")
+    if not _int(state["consumed_rows"]):
+        raise damaged(f"'consumed_rows' is {state['consumed_rows']!r}, expected a count (an integer >= 0)")
     clock = state["clock"]
     if not isinstance(clock, Mapping):
         raise damaged(f"'clock' is {clock!r}, expected an object")

@@ -19,11 +19,13 @@ training clock (consumed samples or tokens) and is realised as **accumulation at
   scheduler's horizon) comes from simulating the ramp (``RampBatchSampler.plan``); ``max_steps`` still caps;
   ``state.epoch`` reports passes over the data; ``eval_strategy``/``save_strategy``/``logging_strategy`` of
   ``"epoch"`` fire at pass boundaries, ``"steps"`` as usual;
-- ``self.clock`` (``TrainingClock``) counts steps, consumed samples and non-pad tokens (global over ranks); it is
-  also the sampler's stream position. It, the global batch size of every step so far and a fingerprint of what the
-  plan depends on are saved in every checkpoint's ``trainer_state.json`` (``hf_batchsched.checkpoint``), written
-  atomically before the Trainer rotates old checkpoints; ``train(resume_from_checkpoint=...)`` continues with the
-  same samples, batch sizes, RNG state and losses, refuses a checkpoint that does not match the run (unless
+- ``self.clock`` (``TrainingClock``) counts steps, consumed samples (sequences) and non-pad tokens (global over
+  ranks) as the sampler accounts for the rows it drew (``DrawnStep``), so the clock, the token schedules and a
+  resumed sampler agree even when a collator truncates. It, the sampler's stream position (``ramp_position``, in
+  dataset rows), the global batch size of every step so far and a fingerprint of what the plan depends on are
+  saved in every checkpoint's ``trainer_state.json`` (``hf_batchsched.checkpoint``), written atomically before the
+  Trainer rotates old checkpoints; ``train(resume_from_checkpoint=...)`` continues with the same samples, batch
+  sizes, RNG state and losses, refuses a checkpoint that does not match the run (unless
   ``allow_schedule_change_on_resume=True``), and with ``True`` takes the newest *complete* checkpoint.
 
 The schedule is read when the DataLoader draws a step batch: with ``dataloader_num_workers=0`` that is right
@@ -111,12 +113,14 @@ from .checkpoint import (
     write_text_atomically,
 )
 from .clock import TrainingClock
-from .data.sampler import RampBatchSampler, as_batch_schedule
+from .data.batches import IGNORE_INDEX, batch_len, count_batch, packed_sequence_starts, split_micro_chunks
+from .data.lengths import sample_lengths
+from .data.sampler import DrawnStep, RampBatchSampler, as_batch_schedule
 from .errors import ConfigError, check_positive
 from .schedules.base import Policy
 from .schedules.noise import sgd_noise
 
-__all__ = ["BatchRampMixin", "BatchRampTrainer", "RAMP_STATE_KEY", "count_batch", "split_micro_chunks"]
+__all__ = ["BatchRampMixin", "BatchRampTrainer", "RAMP_STATE_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,91 +129,12 @@ logger = logging.getLogger(__name__)
 sgd_noise_scale = sgd_noise
 
 
-# Per-example inputs of common model families, tried first when looking for the batch dimension (a collator may
-# add tensors that are not per-example, such as a shared 1-D ``position_ids``); any other tensor is the fallback.
-_PER_EXAMPLE_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "input_features", "input_values")
-
-
-def _batch_len(inputs: Mapping) -> int:
-    candidates = [inputs.get(key) for key in _PER_EXAMPLE_KEYS] + list(inputs.values())
-    for value in candidates:
-        if torch.is_tensor(value) and value.dim() > 0:
-            return value.shape[0]
-    raise ConfigError(
-        f"cannot find the batch dimension: the collated batch (keys {sorted(inputs)}) has no tensor; the data "
-        "collator must return tensors"
-    )
-
-
-def count_batch(inputs: Mapping) -> tuple[int, int]:
-    """Examples and non-pad tokens in a collated batch: ``(num_examples, num_tokens)``.
-
-    Examples are the batch dimension (dim 0) of the batch's tensors, whatever the modality (``input_ids``,
-    ``labels``, ``pixel_values``, ...). Tokens are the sum of a 2-D ``attention_mask``, else the size of
-    ``input_ids``, else 0: image or audio batches have no tokens, and the clock's token count does not move.
-
-    >>> count_batch({"input_ids": torch.ones(2, 3), "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])})
-    (2, 3)
-    >>> count_batch({"pixel_values": torch.zeros(4, 1, 8, 8), "labels": torch.arange(4)})
-    (4, 0)
-    """
-    num_examples = _batch_len(inputs)
-    mask, input_ids = inputs.get("attention_mask"), inputs.get("input_ids")
-    if torch.is_tensor(mask) and mask.dim() == 2:
-        return num_examples, int(mask.sum())
-    if torch.is_tensor(input_ids):
-        return num_examples, int(input_ids.numel())
-    return num_examples, 0
-
-
 def _per_token_labels(inputs: Mapping) -> bool:
     """Whether the loss is token-level: integer labels with a sequence dimension (LM, token classification)."""
     if torch.is_tensor(inputs.get("shift_labels")):
         return True
     labels = inputs.get("labels")
     return torch.is_tensor(labels) and labels.dim() >= 2 and not labels.is_floating_point()
-
-
-def split_micro_chunks(inputs: dict, max_micro_batch_size: int) -> list[dict]:
-    """Split a collated batch into chunks of at most ``max_micro_batch_size`` rows, trimming each chunk's padding.
-
-    Trailing columns (dim 1 of every tensor whose dim 1 has the sequence length) where the chunk's
-    ``attention_mask`` is 0 in every row are cut; collators must label padding ``-100`` (all HF LM collators do), so
-    the loss is unchanged. Leading padding (left-padded batches) is kept: cutting it would shift the labels, and a
-    causal LM's shifted loss would lose each row's first real token, which ``num_items_in_batch`` still counts.
-
-    >>> batch = {"input_ids": torch.tensor([[5, 6, 0], [7, 0, 0], [8, 9, 4]]),
-    ...          "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])}
-    >>> [chunk["input_ids"].tolist() for chunk in split_micro_chunks(batch, 2)]
-    [[[5, 6], [7, 0]], [[8, 9, 4]]]
-    """
-    num_rows = _batch_len(inputs)
-    mask = inputs.get("attention_mask")
-    padded = torch.is_tensor(mask) and mask.dim() == 2 and not bool(mask.all())
-    if num_rows <= max_micro_batch_size and not padded:
-        return [inputs]
-    chunks = []
-    for start in range(0, num_rows, max_micro_batch_size):
-        chunk = {
-            key: value[start : start + max_micro_batch_size]
-            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == num_rows
-            else value
-            for key, value in inputs.items()
-        }
-        mask = chunk.get("attention_mask")
-        if padded:
-            columns = mask.bool().any(dim=0).nonzero().flatten()
-            seq_len = mask.shape[1]
-            if len(columns) and columns[-1] < seq_len - 1:
-                high = int(columns[-1]) + 1
-                chunk = {
-                    key: value[:, :high]
-                    if torch.is_tensor(value) and value.dim() >= 2 and value.shape[1] == seq_len
-                    else value
-                    for key, value in chunk.items()
-                }
-        chunks.append(chunk)
-    return chunks
 
 
 def _describe_schedule(schedule) -> object:
@@ -245,10 +170,10 @@ class _RampCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
         append_batch_size(trainer._batch_size_history, trainer.last_batch_size)
-        dataset_size = trainer._ramp_sampler.num_samples
-        consumed = trainer.clock.consumed_samples
-        state.epoch = consumed / dataset_size
-        if (consumed - (trainer.last_batch_size or 0)) // dataset_size < consumed // dataset_size:
+        rows_per_pass = trainer._ramp_sampler.num_rows
+        consumed = trainer.ramp_position
+        state.epoch = consumed / rows_per_pass
+        if (consumed - (trainer.last_step_rows or 0)) // rows_per_pass < consumed // rows_per_pass:
             if args.logging_strategy == IntervalStrategy.EPOCH:
                 control.should_log = True
             if args.eval_strategy == IntervalStrategy.EPOCH and args.eval_delay <= state.epoch:
@@ -274,24 +199,30 @@ class BatchRampMixin:
             samples (or tokens, if its ``.unit`` is ``"tokens"``); an ``int`` is constant; a dict goes through
             ``hf_batchsched.schedules.batch.batch_schedule_from_config``. Defaults to the plain Trainer's
             ``per_device_train_batch_size * world_size * gradient_accumulation_steps`` (constant).
-        max_micro_batch_size (`int`, *optional*): largest chunk one forward/backward sees on one rank. Defaults to
-            ``per_device_train_batch_size``.
+        max_micro_batch_size (`int`, *optional*): most sequences one forward/backward sees on one rank (rows of a
+            padded batch, sequences of a packed one); a memory bound only, it never changes the batch size.
+            Defaults to ``per_device_train_batch_size``.
         lr_policy (`Policy` or `dict`, *optional*): an LR policy (``hf_batchsched.schedules.lr``); the scheduler
             becomes ``PolicyLRScheduler`` reading ``self.clock`` in the policy's unit. Defaults to the Trainer's
             ``lr_scheduler_type`` with the simulated number of steps as horizon.
         seed (`int`, *optional*): data-order seed (pass ``p`` uses ``seed + p``). Defaults to ``args.data_seed``,
             else ``args.seed``.
+        batch_size_multiple (`int`, *optional*): global sizes are rounded down to multiples of it. Defaults to
+            ``world_size`` (every rank gets the same number of rows); a size below it is refused, never raised.
         rounding (`str`, *optional*, defaults to `"down"`): sizes that are not multiples of ``batch_size_multiple``
-            are rounded down (at least one multiple; logged); ``"error"`` raises a ``ConfigError`` instead.
+            are rounded down (logged); ``"error"`` raises a ``ConfigError`` instead.
         allow_schedule_change_on_resume (`bool`, *optional*, defaults to `False`): a resume whose batch plan
             settings (``batch_schedule``, ``world_size``, ``max_micro_batch_size``, ``batch_size_multiple``,
-            ``rounding``, ``num_train_epochs``, ``max_steps``) differ from the checkpoint's is refused; ``True``
+            ``rounding``, ``num_train_epochs``, ``max_steps``, ``train_sampling_strategy``,
+            ``dataloader_drop_last``) differ from the checkpoint's is refused; ``True``
             continues from the checkpoint's clock with the new settings (logged). The dataset size and data seed
             must always match.
 
     Bad input raises ``ConfigError``: a ramp with ``gradient_accumulation_steps > 1`` (the chunks replace it), an
-    ``IterableDataset``, a schedule larger than the dataset, ``auto_find_batch_size``, DeepSpeed. With no
-    ``batch_schedule`` and ``gradient_accumulation_steps > 1`` the accumulation moves into the chunks (logged).
+    ``IterableDataset``, a schedule larger than the dataset, ``auto_find_batch_size``, DeepSpeed,
+    ``train_sampling_strategy="batch_rebalance"``. With no ``batch_schedule`` and ``gradient_accumulation_steps > 1``
+    the accumulation moves into the chunks (logged). ``train_sampling_strategy`` ``"sequential"`` reads the data in
+    order, ``"group_by_length"`` sorts each step batch by length; ``dataloader_drop_last`` drops a short last step.
     """
 
     def __init__(
@@ -345,7 +276,7 @@ class BatchRampMixin:
         self.lr_policy = lr_policy
         self.ramp_seed = seed if seed is not None else (targs.data_seed if targs.data_seed is not None else targs.seed)
         self.ramp_rounding = rounding
-        self.batch_size_multiple = batch_size_multiple or self.max_micro_batch_size * world_size
+        self.batch_size_multiple = batch_size_multiple or world_size
         if self.batch_size_multiple % world_size:
             raise ConfigError(
                 f"batch_size_multiple={self.batch_size_multiple} must be a multiple of world_size={world_size} so "
@@ -356,6 +287,15 @@ class BatchRampMixin:
                 "a batch ramp needs a map-style train_dataset with a length (an IterableDataset cannot be shuffled "
                 "or resumed by position); materialise it, e.g. datasets.Dataset.from_generator(...)"
             )
+        strategy = getattr(targs, "train_sampling_strategy", "random")
+        if getattr(targs, "group_by_length", False):  # the boolean flag of transformers < 5.x
+            strategy = "group_by_length"
+        if strategy not in ("random", "sequential", "group_by_length"):
+            raise ConfigError(
+                f"train_sampling_strategy={strategy!r} is not supported with a batch ramp (the ramp draws its own "
+                "step batches); use 'random', 'sequential' or 'group_by_length' (sorts each step batch by length)"
+            )
+        self.sampling_strategy = strategy
         if not isinstance(allow_schedule_change_on_resume, bool):
             raise ConfigError(
                 f"allow_schedule_change_on_resume must be True or False, got {allow_schedule_change_on_resume!r}"
@@ -368,6 +308,9 @@ class BatchRampMixin:
         self._plan_fingerprint: dict | None = None
         self._resumed_ramp_state: dict | None = None
         self._resume_source: str | None = None
+        self.ramp_position = 0  # stream position (dataset rows) after the last completed optimizer step
+        self.last_step_rows: int | None = None
+        self._leading_trim_exact: bool | None = None
         self._step_hooks: list = []
         self._ramp_sampler: RampBatchSampler | None = None
         self._ramp_callback = _RampCallback(self)
@@ -387,6 +330,7 @@ class BatchRampMixin:
         global batch size of every step so far (run-length encoded) and the plan fingerprint."""
         return {
             "clock": self.clock.state_dict(),
+            "consumed_rows": self.ramp_position,
             "batch_sizes": [list(entry) for entry in self._batch_size_history],
             "plan": copy.deepcopy(self._plan_fingerprint),
             "last_batch_size": self.last_batch_size,
@@ -408,6 +352,7 @@ class BatchRampMixin:
                 )
         self.clock.load_state_dict(state["clock"])
         self._batch_size_history = [list(entry) for entry in state["batch_sizes"]]
+        self.ramp_position = state["consumed_rows"]
         self.last_batch_size = state.get("last_batch_size")
         self.last_micro_chunks = state.get("last_micro_chunks")
         self._resumed_ramp_state = state
@@ -423,7 +368,8 @@ class BatchRampMixin:
             resume_from_checkpoint, self.args.output_dir, announce=self.is_world_process_zero()
         )
         self.clock.load_state_dict(TrainingClock().state_dict())
-        self.last_batch_size = self.last_micro_chunks = None
+        self.last_batch_size = self.last_micro_chunks = self.last_step_rows = None
+        self.ramp_position, self._leading_trim_exact = 0, None
         self._batch_size_history, self._resumed_ramp_state = [], None
         self._resume_source = point.path if point is not None else None
         if point is not None:
@@ -462,22 +408,42 @@ class BatchRampMixin:
         else:
             collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
         targs = self.args
-        if targs.max_steps > 0:
-            total_samples = math.inf
-        else:
-            total_samples = math.ceil(targs.num_train_epochs * len(dataset))
+        total_rows = math.inf if targs.max_steps > 0 else math.ceil(targs.num_train_epochs * len(dataset))
+        # One definition of a token for the clock, the token schedules and the checkpoint: the non-pad tokens of the
+        # dataset rows (cheap for Arrow datasets; other datasets are read only when something counts tokens).
+        token_columns = {"input_ids", "attention_mask"} & set(getattr(dataset, "column_names", None) or ())
+        needs_tokens = self.lr_policy is not None and self.lr_policy.unit == "tokens"
+        try:
+            lengths = sample_lengths(dataset) if token_columns or needs_tokens else None
+        except ConfigError as error:
+            raise ConfigError(
+                f"lr_policy {self.lr_policy.name!r} counts tokens, but the training batches have no attention_mask or "
+                "input_ids to count them (e.g. image batches); build the policy on unit='samples' or 'fraction'"
+            ) from error
         self._ramp_sampler = RampBatchSampler(
             dataset,
             self.batch_schedule,
             rank=targs.process_index,
             world_size=targs.world_size,
             seed=self.ramp_seed,
+            shuffle=self.sampling_strategy != "sequential",
             round_to=self.batch_size_multiple,
             rounding=self.ramp_rounding,
-            total_samples=total_samples,
-            consumed_samples=self.clock.consumed_samples,
-            consumed_tokens=self.clock.consumed_tokens,
+            total_rows=total_rows,
+            lengths=lengths,
+            group_by_length=self.sampling_strategy == "group_by_length",
+            drop_last=targs.dataloader_drop_last,
+            consumed_rows=self.ramp_position,
         )
+        if self._resumed_ramp_state is not None:  # resume: refuses a position saved with other per-row counts
+            clock = self._resumed_ramp_state["clock"]
+            self._ramp_sampler.load_state_dict(
+                {
+                    "consumed_rows": self._resumed_ramp_state["consumed_rows"],
+                    "consumed_samples": clock["consumed_samples"],
+                    "consumed_tokens": clock["consumed_tokens"],
+                }
+            )
         loader_kwargs = {}
         if targs.dataloader_num_workers > 0:
             loader_kwargs = {
@@ -502,36 +468,41 @@ class BatchRampMixin:
     def set_initial_training_values(self, args, dataloader):
         """Simulate the ramp from the start of the run: the Trainer sees one "epoch" of ``max_steps`` steps."""
         planner = self._ramp_sampler
-        plan = self._plan_run(args)
+        plan, end_row = self._plan_run(args)
         max_steps = len(plan)
         self.ramp_plan = plan
         self.clock.total_steps = max_steps
         self.clock.total_samples = sum(plan)
         if planner.lengths is not None:
-            self.clock.total_tokens = int(planner.lengths.sum()) * self.clock.total_samples // planner.num_samples
+            self.clock.total_tokens = planner.tokens_before(end_row)
         logger.info(
             "BatchRampTrainer: %d optimizer steps, %d samples (%.3g passes), global batch %d -> %d",
             max_steps,
             sum(plan),
-            sum(plan) / planner.num_samples,
+            end_row / planner.num_rows,
             plan[0],
             max(plan),
         )
         # num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples, total_train_batch_size,
         # steps_in_epoch, max_steps
-        return 1, max_steps, planner.num_samples, sum(plan), plan[0], max_steps, max_steps
+        return 1, max_steps, planner.num_rows, sum(plan), plan[0], max_steps, max_steps
 
-    def _plan_run(self, args) -> list[int]:
-        """The global batch size of every step of the run; on resume, the steps taken so far are the checkpoint's.
+    def _plan_run(self, args) -> tuple[list[int], int]:
+        """The global batch size of every step of the run (on resume, the steps taken so far are the checkpoint's),
+        and the stream position (dataset rows) at its end.
 
         Also sets the plan fingerprint saved with checkpoints, and checks a resumed state against this run: the
         fingerprint, the batch sizes already taken (for schedules that are pure functions of the clock), and that
         training is not already over.
         """
-        planner = copy.copy(self._ramp_sampler)
-        planner.consumed_samples = planner.consumed_tokens = 0
+
+        def sizes(sampler, steps):
+            return [sampler.samples_before(last) - sampler.samples_before(first) for first, last in steps]
+
+        planner = self._ramp_sampler.at_position(0)
         cap = args.max_steps if args.max_steps > 0 else None
-        from_start = planner.plan(max_steps=cap)
+        steps_from_start = planner.plan_rows(max_steps=cap)
+        from_start = sizes(planner, steps_from_start)
         fingerprint = {
             **self._stream_fingerprint(),
             "batch_schedule": _describe_schedule(self.batch_schedule),
@@ -541,13 +512,15 @@ class BatchRampMixin:
             "rounding": self.ramp_rounding,
             "num_train_epochs": None if cap else float(args.num_train_epochs),
             "max_steps": cap,
+            "train_sampling_strategy": self.sampling_strategy,
+            "dataloader_drop_last": bool(args.dataloader_drop_last),
         }
         self._plan_fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as it reads back from JSON
         saved = self._resumed_ramp_state
         if saved is None:
             if not from_start:
                 raise ConfigError("the batch ramp plans no optimizer step; check num_train_epochs / max_steps")
-            return from_start
+            return from_start, steps_from_start[-1][1]
         source = self._resume_source or "the checkpoint"
         taken = expand_batch_sizes(saved["batch_sizes"])
         changes = plan_differences(saved["plan"], self._plan_fingerprint, PLAN_KEYS)
@@ -567,14 +540,15 @@ class BatchRampMixin:
                 source,
                 "; ".join(changes),
             )
-        remaining = self._ramp_sampler.plan(max_steps=None if cap is None else max(cap - len(taken), 0))
+        remaining_steps = self._ramp_sampler.plan_rows(max_steps=None if cap is None else max(cap - len(taken), 0))
+        remaining = sizes(self._ramp_sampler, remaining_steps)
         if not remaining:
             raise ConfigError(
                 f"{source} is at the end of training: its {len(taken)} steps and {self.clock.consumed_samples} "
                 "samples already cover this run's plan, so there is nothing left to train. To train further, raise "
                 "num_train_epochs or max_steps and pass allow_schedule_change_on_resume=True"
             )
-        return taken + remaining
+        return taken + remaining, remaining_steps[-1][1]
 
     def _save_checkpoint(self, model, trial):
         """The Trainer's save, with the ramp state inside ``trainer_state.json``, which is written atomically with the
@@ -606,12 +580,19 @@ class BatchRampMixin:
     # ---- one optimizer step --------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Forward/backward the step batch in micro-chunks; only the last chunk synchronises gradients."""
-        chunks = split_micro_chunks(inputs, self.max_micro_batch_size)
-        step_samples, step_tokens = count_batch(inputs)
+        drawn = self._ramp_sampler.take_drawn_step() if self._ramp_sampler is not None else None
+        packed = packed_sequence_starts(inputs) is not None
+        if packed:
+            inputs = self._prepare_packed_batch(model, inputs, num_items_in_batch, drawn)
+        chunks = split_micro_chunks(
+            inputs,
+            self.max_micro_batch_size,
+            trim_leading=not packed and self._leading_padding_trim_is_exact(model, inputs),
+            labels_shifted=self._loss_shifts_labels,
+        )
         world_size = self.accelerator.num_processes
-        if world_size > 1:  # the collated batch is still on the CPU; one small all-reduce per step
-            counts = torch.tensor([step_samples, step_tokens], dtype=torch.long, device=self.args.device)
-            step_samples, step_tokens = (int(value) for value in self.accelerator.reduce(counts, "sum").tolist())
+        local_rows = batch_len(inputs)
+        step_rows, step_samples, step_tokens = self._count_step(inputs, drawn, local_rows)
         if not step_tokens and self.lr_policy is not None and self.lr_policy.unit == "tokens":
             raise ConfigError(
                 f"lr_policy {self.lr_policy.name!r} counts tokens, but the training batches have no attention_mask "
@@ -623,15 +604,19 @@ class BatchRampMixin:
             # ResNetForImageClassification take **kwargs (so the Trainer passes it) but return a plain chunk mean,
             # which would make k chunks sum k means.
             num_items_in_batch = None
+        # The Trainer divides a loss that is not normalised by num_items_in_batch by this: each chunk's mean is
+        # weighted by its share of the global step batch (DDP then averages ranks); for a packed row, its share of
+        # the row's tokens (what trl scales a mixture-of-experts auxiliary loss by).
+        if packed:
+            accumulation = [inputs["input_ids"].shape[1] / chunk["input_ids"].shape[1] for chunk in chunks]
+        else:
+            accumulation = [step_rows / (batch_len(chunk) * world_size) for chunk in chunks]
         # (items, loss weight) per chunk for the step hooks; only computed when hooks want it (it reads
         # num_items_in_batch, which syncs with the device)
-        weights = self._chunk_loss_weights(chunks, num_items_in_batch, step_samples) if self._step_hooks else None
+        weights = self._chunk_loss_weights(chunks, num_items_in_batch, accumulation) if self._step_hooks else None
         total_loss = None
         for index, chunk in enumerate(chunks):
-            chunk_samples = _batch_len(chunk)
-            # Per-example normalisation (used by the Trainer when the loss is not normalised by num_items_in_batch):
-            # each chunk's mean loss is weighted by its share of the global step batch; DDP then averages ranks.
-            self.current_gradient_accumulation_steps = step_samples / (chunk_samples * world_size)
+            self.current_gradient_accumulation_steps = accumulation[index]
             if weights is not None:
                 self.current_chunk_num_items, self.current_chunk_loss_weight = weights[index]
             last = index == len(chunks) - 1
@@ -639,17 +624,150 @@ class BatchRampMixin:
             with sync():
                 loss = super().training_step(model, chunk, num_items_in_batch)
             total_loss = loss if total_loss is None else total_loss + loss
+            chunk_samples = count_batch(chunk)[0] if packed else batch_len(chunk)
             for hook in self._step_hooks:
                 if hasattr(hook, "on_micro_chunk_end"):
                     hook.on_micro_chunk_end(self, index, len(chunks), chunk_samples)
         self.clock.advance(samples=step_samples, tokens=step_tokens)
+        self.ramp_position = drawn.consumed_rows if drawn is not None else self.ramp_position + step_rows
+        self.last_step_rows = step_rows
         self.last_batch_size, self.last_micro_chunks = step_samples, len(chunks)
         for hook in self._step_hooks:
             if hasattr(hook, "on_step_batch_end"):
                 hook.on_step_batch_end(self, step_samples)
         return total_loss
 
-    def _chunk_loss_weights(self, chunks: list[dict], num_items_in_batch, step_samples: int) -> list[tuple]:
+    def _count_step(self, inputs: dict, drawn: DrawnStep | None, local_rows: int) -> tuple[int, int, int]:
+        """Global ``(rows, samples, tokens)`` of the step batch.
+
+        The sampler's accounting of the rows it drew is the clock of record (samples are sequences; tokens are the
+        rows' non-pad tokens, ``sample_lengths``), so the clock, the token schedules and a resumed sampler agree even
+        when the collator truncates. Without it (a batch that did not come from the ramp's sampler), or without
+        lengths, the collated batch is counted (one all-reduce under DDP).
+        """
+        sampler = self._ramp_sampler
+        if drawn is not None and sampler.lengths is not None:
+            mask = inputs.get("attention_mask")
+            if torch.is_tensor(mask) and mask.dim() == 2 and int(mask.sum()) != drawn.local_tokens:
+                self._warn_once(
+                    "collated_tokens",
+                    "BatchRampTrainer: the collated batch holds %d non-pad tokens but its dataset rows hold %d (the "
+                    "collator truncates or drops tokens); the clock and token schedules count the dataset rows' "
+                    "tokens. Truncate the dataset instead so both agree",
+                    int(mask.sum()),
+                    drawn.local_tokens,
+                )
+            return drawn.rows, drawn.samples, drawn.tokens
+        samples, tokens = count_batch(inputs)
+        rows = local_rows
+        if self.accelerator.num_processes > 1:  # the collated batch is still on the CPU; one small all-reduce
+            counts = torch.tensor([rows, samples, tokens], dtype=torch.long, device=self.args.device)
+            rows, samples, tokens = (int(value) for value in self.accelerator.reduce(counts, "sum").tolist())
+        if drawn is not None:
+            return drawn.rows, drawn.samples, tokens
+        return rows, samples, tokens
+
+    def _warn_once(self, key: str, message: str, *args) -> None:
+        warned = self.__dict__.setdefault("_ramp_warned", set())
+        if key not in warned:
+            warned.add(key)
+            logger.warning(message, *args)
+
+    def _prepare_packed_batch(self, model, inputs: dict, num_items_in_batch, drawn: DrawnStep | None) -> dict:
+        """Checks that a packed (flattened) step batch can be chunked exactly; turns the model's cache off.
+
+        The block-diagonal attention of packed sequences comes from ``position_ids`` only when the model runs
+        without a cache (transformers builds it when ``attention_mask`` is None and no cache is passed; a model whose
+        config has ``use_cache=True`` creates one even in training), so ``use_cache=False`` is added, as trl does.
+        """
+        unwrapped = self.accelerator.unwrap_model(model)
+        config = getattr(unwrapped, "config", None)
+        if num_items_in_batch is None:
+            raise ConfigError(
+                "packed batches need their loss normalised over the step's label tokens (num_items_in_batch), but "
+                "this model's forward does not take it; use a model whose forward accepts **kwargs, or pass "
+                "compute_loss_func"
+            )
+        if "position_ids" not in inputs and getattr(config, "_attn_implementation", None) in ("eager", "sdpa"):
+            raise ConfigError(
+                "the packed batch has no position_ids: eager/sdpa attention builds the block-diagonal mask from them "
+                "and would attend across the packed sequences; make the collator return position_ids"
+            )
+        if drawn is not None:
+            starts = packed_sequence_starts(inputs)
+            total = inputs["input_ids"].shape[1]
+            multi_token = int(((torch.cat([starts[1:], torch.tensor([total])]) - starts) > 1).sum())
+            if multi_token > drawn.local_samples:
+                raise ConfigError(
+                    f"the packed batch holds {multi_token} sequences but its dataset rows hold {drawn.local_samples}: "
+                    "the rows pack sequences without a 'seq_lengths' column, so the clock would count rows; add the "
+                    "column (trl.pack_dataset does) or let the collator flatten one sequence per row"
+                )
+        if getattr(config, "use_cache", False) and "use_cache" not in inputs:
+            inputs = {**inputs, "use_cache": False}
+        return inputs
+
+    def _leading_padding_trim_is_exact(self, model, inputs: dict) -> bool:
+        """Whether cutting a chunk's leading all-pad columns leaves the model's outputs unchanged (checked once).
+
+        Exactness depends on the model: with sdpa/flash attention masked keys contribute nothing and a pad position's
+        output does not depend on the row's width, but eager attention lets a fully masked pad position attend to
+        the whole row, and absolute position embeddings shift. So the first time a chunk of a causal LM would lose
+        leading columns, both versions are run once (no grad, eval mode) and compared at every position that a label
+        is predicted from or that holds a real token; leading padding is trimmed from then on only if they agree to
+        fp32 rounding. Not checked (kept) under FSDP or for 16-bit outputs, where rounding hides the difference.
+        """
+        if self._leading_trim_exact is not None:
+            return self._leading_trim_exact
+        mask = inputs.get("attention_mask")
+        if not (torch.is_tensor(mask) and mask.dim() == 2) or bool(mask[:, 0].all()):
+            return False  # no left padding in this batch: decide on a batch that has some
+        if not self._loss_shifts_labels or self.is_fsdp_enabled:
+            self._leading_trim_exact = False
+            return False
+        for untrimmed in split_micro_chunks(inputs, self.max_micro_batch_size, labels_shifted=True):
+            trimmed = split_micro_chunks(untrimmed, self.max_micro_batch_size, trim_leading=True, labels_shifted=True)[
+                0
+            ]
+            removed = untrimmed["attention_mask"].shape[1] - trimmed["attention_mask"].shape[1]
+            if removed:
+                break
+        else:
+            return False
+        unwrapped = self.accelerator.unwrap_model(model)
+        was_training = unwrapped.training
+        unwrapped.eval()
+        device = self.args.device
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                strip = {"labels", "shift_labels"}
+                full = unwrapped(**{k: v for k, v in self._prepare_inputs(untrimmed).items() if k not in strip})
+                cut = unwrapped(**{k: v for k, v in self._prepare_inputs(trimmed).items() if k not in strip})
+        finally:
+            unwrapped.train(was_training)
+        full_logits, cut_logits = getattr(full, "logits", None), getattr(cut, "logits", None)
+        exact = False
+        if torch.is_tensor(full_logits) and torch.is_tensor(cut_logits) and full_logits.dtype == torch.float32:
+            kept = full_logits[:, removed:]
+            relevant = trimmed["attention_mask"].bool().to(device)
+            labels = trimmed.get("labels")
+            if torch.is_tensor(labels):
+                relevant[:, :-1] |= labels[:, 1:].to(device) != IGNORE_INDEX
+            difference = (kept - cut_logits).abs().amax(dim=-1)[relevant]
+            scale = max(1.0, float(kept.abs().amax()))
+            exact = bool(difference.numel()) and float(difference.max()) <= 1e-4 * scale
+        self._leading_trim_exact = exact
+        logger.info(
+            "BatchRampTrainer: left padding is %s per micro-chunk (%s)",
+            "trimmed" if exact else "kept",
+            "the model's outputs do not change without the leading pad columns"
+            if exact
+            else "cutting the leading pad columns changes this model's outputs (eager attention, absolute positions "
+            "or 16-bit logits)",
+        )
+        return exact
+
+    def _chunk_loss_weights(self, chunks: list[dict], num_items_in_batch, accumulation: list[float]) -> list[tuple]:
         """``(items, loss weight)`` of each chunk (see "Step hooks" in the module docstring).
 
         Mirrors how the Trainer's ``training_step``/``compute_loss`` use ``num_items_in_batch``: a loss normalised
@@ -672,8 +790,8 @@ class BatchRampMixin:
             if self.args.average_tokens_across_devices:
                 items_scale = world_size // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
         weights = []
-        for chunk in chunks:
-            samples = _batch_len(chunk)
+        for chunk, chunk_accumulation in zip(chunks, accumulation):
+            samples = batch_len(chunk)
             if token_normalised:  # label tokens counted like Trainer._get_num_items_in_batch, on the trimmed chunk
                 labels = chunk.get("shift_labels")
                 if labels is None:
@@ -683,7 +801,7 @@ class BatchRampMixin:
             else:
                 items, weight = samples, 1.0
             if not scaled_for_ga:
-                weight /= step_samples / (samples * world_size)
+                weight /= chunk_accumulation
             weights.append((items, weight))
         return weights
 
@@ -708,7 +826,7 @@ class BatchRampMixin:
         momentum = group.get("momentum", group.get("betas", (0.0,))[0]) or 0.0
         if not 0 <= momentum < 1:
             return None
-        return sgd_noise(float(lr), self._ramp_sampler.num_samples, self.last_batch_size, float(momentum))
+        return sgd_noise(float(lr), self._ramp_sampler.samples_per_pass, self.last_batch_size, float(momentum))
 
 
 class BatchRampTrainer(BatchRampMixin, Trainer):

@@ -298,7 +298,7 @@ def test_callback_checks_adaptive_schedule(tmp_path):
     with pytest.raises(ConfigError, match="not a multiple of the trainer.s batch_size_multiple"):
         NoiseScaleCallback(
             BatchRampTrainer(model=Regression(start), args=args, train_dataset=data,
-                             batch_schedule=adaptive(min_size=12), max_micro_batch_size=8)
+                             batch_schedule=adaptive(min_size=12), max_micro_batch_size=8, batch_size_multiple=8)
         )  # fmt: skip
     with pytest.raises(ConfigError, match="adaptive schedule's min_size 8"):
         NoiseScaleCallback(

@@ -21,7 +21,7 @@ def test_ddp_two_ranks_match_single_process(tmp_path):
     assert [r["world_size"] for r in ranks] == [2, 2]
 
     # Every step's global batch equals the schedule (rounded to max_micro 2 x world 2 = 4) ...
-    planned = RampBatchSampler(32, ramp, world_size=2, round_to=4, total_samples=64).plan()
+    planned = RampBatchSampler(32, ramp, world_size=2, round_to=4, total_rows=64).plan()
     assert planned == [4, 4, 8, 8, 16, 16, 8]
     global_batches = [a + b for a, b in zip(ranks[0]["batches"], ranks[1]["batches"])]
     assert [len(batch) for batch in global_batches] == planned

@@ -9,14 +9,14 @@ import torch
 from datasets import Dataset
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from hf_batchsched.data import RampBatchSampler
+from hf_batchsched.data import RampBatchSampler, count_batch, split_micro_chunks
 from hf_batchsched.errors import ConfigError
 from hf_batchsched.probes.batchnorm import freeze_bn
 from hf_batchsched.schedules.lr import lr_at, make_lr_policy
 from hf_batchsched.schedules.noise import sgd_noise
 from hf_batchsched.schedules.scheduler import PolicyLRScheduler
 from hf_batchsched.testing import digits_image_dataset, tiny_llama, tiny_resnet, tiny_training_args
-from hf_batchsched.trainer import BatchRampMixin, BatchRampTrainer, count_batch
+from hf_batchsched.trainer import BatchRampMixin, BatchRampTrainer
 
 torch.set_num_threads(1)
 
@@ -165,7 +165,7 @@ def test_ramp_follows_schedule_and_counts_passes(tmp_path):
         tmp_path, batch_schedule=ramp, arg_overrides={"num_train_epochs": 2, "per_device_train_batch_size": 4}
     )
     trainer.train()
-    expected = RampBatchSampler(32, ramp, round_to=4, total_samples=64).plan()
+    expected = RampBatchSampler(32, ramp, round_to=4, total_rows=64).plan()
     assert expected == [4, 4, 8, 8, 16, 16, 8]
     assert list(logged(trainer, "batchsched/batch_size").values()) == expected
     assert [len(batch) for batch in trainer.data_collator.batches] == expected
@@ -392,7 +392,11 @@ def test_bad_input(tmp_path):
     with pytest.raises(ConfigError, match="more than the 32 samples"):
         make_trainer(tmp_path, batch_schedule=64).train()
     with pytest.raises(ConfigError, match="not a multiple"):
-        make_trainer(tmp_path, batch_schedule=12, rounding="error").train()
+        make_trainer(tmp_path, batch_schedule=12, batch_size_multiple=8, rounding="error").train()
+    with pytest.raises(ConfigError, match="never raised above the schedule"):
+        make_trainer(tmp_path, batch_schedule=4, batch_size_multiple=8).train()
+    with pytest.raises(ConfigError, match="batch_rebalance"):
+        make_trainer(tmp_path, arg_overrides={"train_sampling_strategy": "batch_rebalance"})
     with pytest.raises(ConfigError, match="max_micro_batch_size must be > 0"):
         make_trainer(tmp_path, max_micro_batch_size=-1)
     with pytest.raises(ConfigError, match="batch schedule"):
@@ -513,20 +517,167 @@ def test_count_batch_and_token_policies_need_tokens(tmp_path):
         trainer.train()
 
 
-def test_chunks_trim_trailing_padding_but_keep_every_label():
-    """Trailing pad columns are cut per chunk; leading ones are kept, so a causal LM's shifted loss sees the same
-    label tokens in the chunks as in the whole batch (cutting left padding would drop each row's first label)."""
-    from hf_batchsched.trainer import split_micro_chunks
-
+def test_chunks_trim_padding_but_keep_every_label():
+    """Columns with no real token and no label to predict are cut per chunk: trailing ones always, leading ones on
+    request, keeping the pad column before a row's first labelled token so a causal LM's shifted loss sees the same
+    label tokens in the chunks as in the whole batch."""
     ids = torch.tensor([[0, 0, 5, 6, 7, 0], [0, 0, 8, 9, 0, 0], [3, 4, 5, 6, 7, 8], [0, 9, 9, 0, 0, 0]])
     mask = (ids != 0).long()
     labels = ids.masked_fill(mask == 0, -100)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    chunks = split_micro_chunks(batch, 2)
-    assert [chunk["input_ids"].shape for chunk in chunks] == [(2, 5), (2, 6)]  # chunk 1: last column cut only
-    assert chunks[0]["input_ids"][:, :2].eq(0).all()  # its two leading pad columns are still there
 
     def shifted_label_tokens(tensor):
         return int(tensor[:, 1:].ne(-100).sum())
 
-    assert sum(shifted_label_tokens(chunk["labels"]) for chunk in chunks) == shifted_label_tokens(labels)
+    trailing = split_micro_chunks(batch, 2)
+    assert [chunk["input_ids"].shape for chunk in trailing] == [(2, 5), (2, 6)]
+    both = split_micro_chunks(batch, 2, trim_leading=True)
+    assert both[0]["input_ids"].tolist() == [[0, 5, 6, 7], [0, 8, 9, 0]]  # one pad column kept before 5 and 8
+    assert both[1]["input_ids"].shape == (2, 6)
+    unshifted = split_micro_chunks(batch, 2, trim_leading=True, labels_shifted=False)
+    assert unshifted[0]["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    for chunks in (trailing, both):
+        assert sum(shifted_label_tokens(chunk["labels"]) for chunk in chunks) == shifted_label_tokens(labels)
+    ids = torch.tensor([[5, 6, 0, 0], [7, 0, 0, 0], [3, 4, 5, 6]])
+    unmasked_pads = {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": ids}  # labelled padding
+    assert split_micro_chunks(unmasked_pads, 2)[0]["input_ids"].tolist() == [[5, 6, 0], [7, 0, 0]]  # col 2 predicts
+
+
+# ---- micro-batch, sampling options, the token clock ----------------------------------------------------------
+def test_micro_batch_above_the_schedule_never_raises_the_batch(tmp_path):
+    """max_micro_batch_size is a memory bound only: a step smaller than it runs as one chunk of its own size."""
+    trainer = make_trainer(tmp_path, dataset=indexed_dataset(120), batch_schedule="0:4 36:8 84:16",
+                           max_micro_batch_size=16)  # fmt: skip
+    trainer.train()
+    assert list(logged(trainer, "batchsched/batch_size").values()) == [4] * 9 + [8] * 6 + [16, 16, 4]
+    assert set(logged(trainer, "batchsched/micro_chunks").values()) == {1}
+    assert [len(batch) for batch in trainer.data_collator.batches] == trainer.ramp_plan
+
+
+def test_sequential_sampling_reads_the_data_in_order(tmp_path):
+    trainer = make_trainer(tmp_path, batch_schedule=ramp, arg_overrides={"train_sampling_strategy": "sequential"})
+    trainer.train()
+    assert trainer.data_collator.batches == [[0, 1, 2, 3], [4, 5, 6, 7], list(range(8, 16)), list(range(16, 24)),
+                                             list(range(24, 32))]  # fmt: skip
+
+
+def test_group_by_length_sorts_each_step_batch(tmp_path):
+    """Each step holds the rows of the random order, sorted by length (longest first), so chunks pad less; the
+    per-token loss is a sum over the same rows, so the run equals the unsorted one (fp32 rtol 1e-5)."""
+    plain = make_trainer(tmp_path / "plain", batch_schedule=ramp, max_micro_batch_size=4)
+    plain.train()
+    grouped = make_trainer(tmp_path / "grouped", batch_schedule=ramp, max_micro_batch_size=4,
+                           arg_overrides={"train_sampling_strategy": "group_by_length"})  # fmt: skip
+    grouped.train()
+    lengths = [len(ids) for ids in grouped.train_dataset["input_ids"]]
+    for mine, theirs in zip(grouped.data_collator.batches, plain.data_collator.batches):
+        assert sorted(mine) == sorted(theirs)
+        assert [lengths[i] for i in mine] == sorted((lengths[i] for i in mine), reverse=True)
+    assert any(a != b for a, b in zip(grouped.data_collator.batches, plain.data_collator.batches))
+    assert train_losses(grouped) == pytest.approx(train_losses(plain), rel=1e-5)
+    assert_params_close(params(grouped), params(plain), rtol=1e-5, atol=1e-6)
+
+
+def test_dataloader_drop_last_drops_the_short_last_step(tmp_path):
+    trainer = make_trainer(tmp_path, batch_schedule=ramp, arg_overrides={"dataloader_drop_last": True})
+    trainer.train()
+    assert trainer.ramp_plan == [4, 4, 8, 8] and trainer.state.global_step == 4  # 16 requested, 8 left: dropped
+    assert [len(batch) for batch in trainer.data_collator.batches] == [4, 4, 8, 8]
+
+
+class TruncatingCollator(RecordingCollator):
+    """Keeps the first 5 tokens of every row (a collator's max_length)."""
+
+    def __call__(self, features):
+        return super().__call__([{key: value[:5] for key, value in f.items()} for f in features])
+
+
+def test_token_clock_survives_resume_when_the_collator_truncates(tmp_path, caplog):
+    """The clock, the token schedule and the checkpoint count the same tokens (the dataset rows'), so a resumed run
+    draws the batches of the uninterrupted one; the truncation is reported once."""
+    from hf_batchsched.schedules.batch import PiecewiseBatch
+
+    schedule = PiecewiseBatch.parse("0:4 100:8", unit="tokens")
+    overrides = {"num_train_epochs": 2, "save_strategy": "steps", "save_steps": 3, "per_device_train_batch_size": 4}
+
+    def run(name, **kwargs):
+        args = make_args(tmp_path / name, **overrides)
+        trainer = BatchRampTrainer(model=tiny_llama(seed=0), args=args, train_dataset=indexed_dataset(),
+                                   data_collator=TruncatingCollator(), batch_schedule=schedule)  # fmt: skip
+        trainer.remove_callback(PrinterCallback)
+        trainer.train(**kwargs)
+        return trainer
+
+    with caplog.at_level("WARNING", logger="hf_batchsched.trainer"):
+        full = run("full")
+    assert caplog.text.count("the collator truncates") == 1
+    resumed = run("resumed", resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert resumed.data_collator.batches == full.data_collator.batches[3:]
+    sizes = {step: size for step, size in logged(full, "batchsched/batch_size").items() if step > 3}
+    assert {step: size for step, size in logged(resumed, "batchsched/batch_size").items() if step > 3} == sizes
+    assert 4 in logged(full, "batchsched/batch_size").values() and 8 in sizes.values()
+    lengths = [len(ids) for ids in full.train_dataset["input_ids"]]
+    assert full.clock.consumed_tokens == sum(lengths[i] for batch in full.data_collator.batches for i in batch)
+    assert resumed.clock.state_dict() == full.clock.state_dict()
+    later = {step: loss for step, loss in train_losses(full).items() if step > 3}
+    assert {s: v for s, v in train_losses(resumed).items() if s > 3} == pytest.approx(later, rel=1e-6)
+
+
+# ---- padding -------------------------------------------------------------------------------------------------
+class LeftPaddingCollator(RecordingCollator):
+    """Left-pads (pad 0, label -100), as a tokenizer with padding_side="left" does."""
+
+    def __call__(self, features):
+        batch = super().__call__(features)
+        lengths = batch["attention_mask"].sum(dim=1)
+        for row, length in enumerate(lengths.tolist()):
+            for key in batch:
+                batch[key][row] = batch[key][row].roll(batch[key].shape[1] - length)
+        return batch
+
+
+class ChunkWidths:
+    """Forward pre-hook: the (rows, columns) of every training forward."""
+
+    def __init__(self, model):
+        self.shapes: list[tuple[int, int]] = []
+        model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        if module.training:
+            self.shapes.append(tuple(kwargs["input_ids"].shape))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("collator", [RecordingCollator, LeftPaddingCollator], ids=["right", "left"])
+def test_chunks_trim_padding_on_both_sides_and_keep_the_loss(tmp_path, attn, collator):
+    """Chunks of 4 rows give the parameters of whole-step chunks (fp32 rtol 1e-5 / atol 1e-6), and each chunk is as
+    wide as its own longest row (+1 column before a left-padded row's first label). Left padding is trimmed only
+    where that leaves the outputs unchanged: sdpa, not eager (a fully masked pad position attends to the whole row)."""
+    runs = {}
+    for micro in (16, 4):
+        trainer = BatchRampTrainer(
+            model=tiny_llama(seed=0, attn_implementation=attn), args=make_args(tmp_path / str(micro)),
+            train_dataset=indexed_dataset(seq_len=16), data_collator=collator(), batch_schedule=ramp,
+            max_micro_batch_size=micro, batch_size_multiple=4,
+        )  # fmt: skip
+        trainer.remove_callback(PrinterCallback)
+        widths = ChunkWidths(trainer.model)
+        trainer.train()
+        runs[micro] = trainer, widths
+    (one, _), (many, widths) = runs[16], runs[4]
+    assert train_losses(many) == pytest.approx(train_losses(one), rel=1e-5)
+    assert_params_close(params(many), params(one), rtol=1e-5, atol=1e-6)
+    lengths = [len(ids) for ids in many.train_dataset["input_ids"]]
+    expected = []
+    for batch in many.data_collator.batches:
+        for start in range(0, len(batch), 4):
+            longest = max(lengths[i] for i in batch[start : start + 4])
+            trimmed = collator is RecordingCollator or attn == "sdpa"
+            width = longest if trimmed else max(lengths[i] for i in batch)
+            if collator is LeftPaddingCollator and trimmed and longest < max(lengths[i] for i in batch):
+                width += 1  # the pad column that predicts the longest row's first token
+            expected.append(width)
+    assert [columns for _, columns in widths.shapes] == expected
+    assert many._leading_trim_exact is (True if collator is LeftPaddingCollator and attn == "sdpa" else
+                                        (False if collator is LeftPaddingCollator else None))  # fmt: skip

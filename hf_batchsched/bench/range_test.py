@@ -255,7 +255,14 @@ def lr_range_test(
     clock_state = copy.deepcopy(clock.state_dict()) if clock is not None else None
     saved_attributes = {
         name: getattr(trainer, name)
-        for name in ("current_gradient_accumulation_steps", "last_batch_size", "last_micro_chunks", "_ramp_sampler")
+        for name in (
+            "current_gradient_accumulation_steps",
+            "last_batch_size",
+            "last_micro_chunks",
+            "_ramp_sampler",
+            "ramp_position",
+            "last_step_rows",
+        )
         if hasattr(trainer, name)
     }
     base_lrs = [group["lr"] for group in optimizer.param_groups]

@@ -118,13 +118,11 @@ class NoiseScaleCallback(TrainerCallback):
         schedule = getattr(trainer, "batch_schedule", None)
         self.schedule = schedule if isinstance(schedule, AdaptiveBatchSchedule) else None
         if self.schedule is not None:
-            multiple = getattr(trainer, "batch_size_multiple", None) or (
-                trainer.max_micro_batch_size * trainer.args.world_size
-            )
+            multiple = trainer.batch_size_multiple
             if self.schedule.min_size % multiple:
                 raise ConfigError(
                     f"AdaptiveBatchSchedule(min_size={self.schedule.min_size}) is not a multiple of the trainer's "
-                    f"batch_size_multiple (default max_micro_batch_size * world_size) = {multiple}; the sampler would "
+                    f"batch_size_multiple (default world_size) = {multiple}; the sampler would "
                     "round the grown sizes. Pick min_size as a multiple of it"
                 )
             if beta is not None and float(beta) != self.schedule.estimator.beta:

@@ -1,5 +1,17 @@
-"""hf_batchsched.data: the variable-size, distributed-aware, resumable ``RampBatchSampler``."""
+"""hf_batchsched.data: the variable-size, distributed-aware, resumable ``RampBatchSampler`` and the step-batch
+helpers (counting, micro-chunk splitting of padded and packed batches)."""
 
-from .sampler import RampBatchSampler, as_batch_schedule, sample_lengths
+from .batches import count_batch, packed_sequence_starts, split_micro_chunks
+from .lengths import sample_lengths, sequence_counts
+from .sampler import DrawnStep, RampBatchSampler, as_batch_schedule
 
-__all__ = ["RampBatchSampler", "as_batch_schedule", "sample_lengths"]
+__all__ = [
+    "DrawnStep",
+    "RampBatchSampler",
+    "as_batch_schedule",
+    "count_batch",
+    "packed_sequence_starts",
+    "sample_lengths",
+    "sequence_counts",
+    "split_micro_chunks",
+]
