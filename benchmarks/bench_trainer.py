@@ -3,15 +3,18 @@
 1. Throughput at a constant batch: train samples/s of ``BatchRampTrainer`` / plain ``Trainer`` (same model, data,
    batch; ``--repeats`` interleaved pairs after a warm-up run, median of the per-pair ratios), both per wall-clock
    second and per CPU second of the process (the latter is robust to other jobs on a shared machine). Target >= 0.98.
-2. Peak memory: a run ramping the global batch 8 -> 256 with ``max_micro_batch_size=8`` vs a constant-8 run, and
-   (for contrast) a constant-256 run in one chunk. Each run is a fresh subprocess. On CUDA the figure is
-   ``torch.cuda.max_memory_allocated`` during ``train()``; on CPU it is the growth of the process's resident set
-   (RSS, sampled every 2 ms by a thread) over its value just before ``train()`` -- the CPU allocator has no peak
-   counter, and RSS growth captures activations, gradients and optimizer state. Target (ramp / constant-8) <= 1.10.
+2. Peak memory: a run ramping the global batch 8 -> 256 with ``max_micro_batch_size=8`` vs a constant-8 run, a plain
+   ``Trainer`` accumulating 32 micro-batches of 8 and a ``BatchRampTrainer`` at constant 256 in chunks of 8 (the
+   same accumulation the ramp does at its peak; what the ramp's excess is compared with), and (for contrast) a
+   constant-256 run in one chunk. Each run is a fresh subprocess.
+   On CUDA the figure is ``torch.cuda.max_memory_allocated`` during ``train()``; on CPU it is the growth of the
+   process's resident set (RSS, sampled every 2 ms by a thread) over its value just before ``train()`` -- the CPU
+   allocator has no peak counter, and RSS growth captures activations, gradients and optimizer state. Target
+   (ramp / constant-8) <= 1.10.
 
 Usage::
 
-    python benchmarks/bench_trainer.py [--samples 512] [--seq-len 64] [--hidden 64] [--repeats 3]
+    python benchmarks/bench_trainer.py [--samples 512] [--seq-len 64] [--hidden 64] [--repeats 3] [--memory-only]
 
 Writes ``benchmarks/results/trainer.json``.
 """
@@ -34,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 
-def build(kind: str, args, output_dir: str, schedule=None, micro: int = 8):
+def build(kind: str, args, output_dir: str, schedule=None, micro: int = 8, accumulation: int = 1):
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama
@@ -52,6 +55,7 @@ def build(kind: str, args, output_dir: str, schedule=None, micro: int = 8):
         use_cpu=use_cpu,
         disable_tqdm=True,
         dataloader_pin_memory=False,
+        gradient_accumulation_steps=accumulation,
         seed=0,
     )
     model = tiny_llama(seed=0, hidden_size=args.hidden, intermediate_size=4 * args.hidden, vocab_size=args.vocab,
@@ -61,8 +65,9 @@ def build(kind: str, args, output_dir: str, schedule=None, micro: int = 8):
         trainer = Trainer(model=model, args=training_args, train_dataset=dataset)
     else:
         trainer = BatchRampTrainer(
-            model=model, args=training_args, train_dataset=dataset, batch_schedule=schedule, max_micro_batch_size=micro
-        )
+            model=model, args=training_args, train_dataset=dataset, batch_schedule=schedule,
+            max_micro_batch_size=micro, batch_size_multiple=getattr(args, "batch_size_multiple", None),
+        )  # fmt: skip
     trainer.remove_callback(PrinterCallback)
     return trainer
 
@@ -85,6 +90,7 @@ def linear_ramp(consumed: float) -> int:
 
 
 RAMP_SAMPLES = 1
+MODES = ("const8", "ramp", "const256_micro8", "plain_accum32", "const256")
 
 # glibc's malloc raises its mmap threshold each time a large block is freed, so later large blocks come from the heap,
 # which it rarely gives back: the RSS then depends on the order of allocations rather than on the memory in use (runs
@@ -98,9 +104,13 @@ def child_memory(mode: str, args) -> dict:
     global RAMP_SAMPLES
     RAMP_SAMPLES = int(0.6 * args.mem_samples * args.epochs)
     mem_args = argparse.Namespace(**{**vars(args), "samples": args.mem_samples})
-    schedule, micro = {"ramp": (linear_ramp, 8), "const8": (8, 8), "const256": (256, 256)}[mode]
     with tempfile.TemporaryDirectory() as output_dir:
-        trainer = build("ramp", mem_args, output_dir, schedule=schedule, micro=micro)
+        if mode == "plain_accum32":  # a plain Trainer accumulating 32 micro-batches of 8: batch 256
+            trainer = build("plain", mem_args, output_dir, micro=8, accumulation=32)
+        else:
+            schedule, micro = {"ramp": (linear_ramp, 8), "const8": (8, 8), "const256": (256, 256),
+                               "const256_micro8": (256, 8)}[mode]  # fmt: skip
+            trainer = build("ramp", mem_args, output_dir, schedule=schedule, micro=micro)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -129,8 +139,11 @@ def child_memory(mode: str, args) -> dict:
             thread.join()
             peak = max(samples + [rss()]) - base
             source = "cpu rss growth"
+    max_batch = (
+        max(trainer.ramp_plan) if hasattr(trainer, "ramp_plan") else 8 * trainer.args.gradient_accumulation_steps
+    )
     return {"mode": mode, "peak_bytes": peak, "steps": trainer.state.global_step, "source": source,
-            "max_batch": max(trainer.ramp_plan)}  # fmt: skip
+            "max_batch": max_batch}  # fmt: skip
 
 
 def main() -> int:
@@ -145,7 +158,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--mem-repeats", type=int, default=3, help="fresh processes per memory configuration")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--child", choices=["ramp", "const8", "const256"])
+    parser.add_argument("--batch-size-multiple", type=int, default=None, help="BatchRampTrainer batch_size_multiple")
+    parser.add_argument("--child", choices=MODES)
+    parser.add_argument("--memory-only", action="store_true", help="skip the throughput pairs")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "trainer.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -154,9 +169,10 @@ def main() -> int:
         print(json.dumps(child_memory(args.child, args)))
         return 0
 
-    throughput("plain", args)  # warm-up: first-call imports and allocator growth
+    if not args.memory_only:
+        throughput("plain", args)  # warm-up: first-call imports and allocator growth
     plain, ours, plain_cpu, ours_cpu = [], [], [], []
-    for repeat in range(args.repeats):  # interleaved (order alternating), so machine load hits both alike
+    for repeat in range(0 if args.memory_only else args.repeats):  # interleaved, so machine load hits both alike
         order = ("plain", "ramp") if repeat % 2 == 0 else ("ramp", "plain")
         measured = {kind: throughput(kind, args) for kind in order}
         plain.append(measured["plain"][0])
@@ -164,19 +180,19 @@ def main() -> int:
         plain_cpu.append(measured["plain"][1])
         ours_cpu.append(measured["ramp"][1])
     pair_ratios = [o / p for o, p in zip(ours, plain)]
-    speed_ratio = statistics.median(pair_ratios)
+    speed_ratio = statistics.median(pair_ratios) if pair_ratios else None
     cpu_ratios = [o / p for o, p in zip(ours_cpu, plain_cpu)]
-    cpu_ratio = statistics.median(cpu_ratios)
+    cpu_ratio = statistics.median(cpu_ratios) if cpu_ratios else None
 
     # Peak memory: each configuration in a fresh process, interleaved and repeated (RSS growth on a CPU moves by
     # a MiB or two between runs); the ratios are medians over the repeats' side-by-side pairs.
-    runs: dict[str, list[dict]] = {"const8": [], "ramp": [], "const256": []}
+    runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for repeat in range(args.mem_repeats):
-        for mode in ("const8", "ramp", "const256") if repeat % 2 == 0 else ("const256", "ramp", "const8"):
+        for mode in MODES if repeat % 2 == 0 else MODES[::-1]:
             command = [sys.executable, __file__, "--child", mode] + [
                 f"--{key.replace('_', '-')}={value}"
                 for key, value in vars(args).items()
-                if key not in ("child", "output")
+                if key not in ("child", "output", "memory_only") and value is not None
             ]
             out = subprocess.run(command, capture_output=True, text=True, check=True, env=CHILD_ENV)
             runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -186,8 +202,12 @@ def main() -> int:
         memory[mode] = {**median_run, "peak_bytes_per_run": [row["peak_bytes"] for row in rows]}
     memory_ratios = [r["peak_bytes"] / c["peak_bytes"] for r, c in zip(runs["ramp"], runs["const8"])]
     naive_ratios = [r["peak_bytes"] / c["peak_bytes"] for r, c in zip(runs["const256"], runs["const8"])]
+    accumulation_ratios = [a["peak_bytes"] / c["peak_bytes"] for a, c in zip(runs["plain_accum32"], runs["const8"])]
+    chunked_ratios = [a["peak_bytes"] / c["peak_bytes"] for a, c in zip(runs["const256_micro8"], runs["const8"])]
+    chunked_ratio = statistics.median(chunked_ratios)
     memory_ratio = statistics.median(memory_ratios)
     naive_ratio = statistics.median(naive_ratios)
+    accumulation_ratio = statistics.median(accumulation_ratios)
 
     result = {
         "config": {k: v for k, v in vars(args).items() if k not in ("child", "output")},
@@ -195,27 +215,34 @@ def main() -> int:
         "samples_per_second": {"plain_trainer": plain, "batch_ramp_trainer": ours},
         "samples_per_cpu_second": {"plain_trainer": plain_cpu, "batch_ramp_trainer": ours_cpu},
         "throughput_ratio_per_pair": [round(r, 4) for r in pair_ratios],
-        "throughput_ratio_ramp_over_plain": round(speed_ratio, 4),
+        "throughput_ratio_ramp_over_plain": None if speed_ratio is None else round(speed_ratio, 4),
         "cpu_throughput_ratio_per_pair": [round(r, 4) for r in cpu_ratios],
-        "cpu_throughput_ratio_ramp_over_plain": round(cpu_ratio, 4),
+        "cpu_throughput_ratio_ramp_over_plain": None if cpu_ratio is None else round(cpu_ratio, 4),
         "peak_memory": memory,
         "memory_ratio_per_repeat": [round(r, 4) for r in memory_ratios],
         "memory_ratio_ramp8to256_over_const8": round(memory_ratio, 4),
         "memory_ratio_const256_one_chunk_over_const8": round(naive_ratio, 4),
+        "memory_ratio_plain_trainer_accum32_over_const8": round(accumulation_ratio, 4),
+        "memory_ratio_const256_micro8_over_const8": round(chunked_ratio, 4),
         "targets": {"throughput_ratio": ">= 0.98", "memory_ratio": "<= 1.10"},
     }
     for name, a, b, ratio, ratios in (
         ("samples/wall-s", plain, ours, speed_ratio, pair_ratios),
         ("samples/CPU-s ", plain_cpu, ours_cpu, cpu_ratio, cpu_ratios),
     ):
+        if ratio is None:
+            continue
         print(f"{name} plain Trainer {statistics.median(a):8.1f}  BatchRampTrainer {statistics.median(b):8.1f}  "
               f"median pair ratio {ratio:.3f} (target >= 0.98; pairs {[round(r, 3) for r in ratios]})")  # fmt: skip
-    for mode in ("const8", "ramp", "const256"):
+    for mode in MODES:
         print(f"peak memory {mode:9s} {memory[mode]['peak_bytes'] / 2**20:8.2f} MiB ({memory[mode]['source']}, "
               f"{memory[mode]['steps']} steps, max batch {memory[mode]['max_batch']})")  # fmt: skip
     print(f"memory ratio ramp 8->256 (micro 8) / const 8: {memory_ratio:.3f} (target <= 1.10; median of "
           f"{[round(r, 3) for r in memory_ratios]}); "
-          f"const 256 in one chunk / const 8: {naive_ratio:.3f}")  # fmt: skip
+          f"const 256 in one chunk / const 8: {naive_ratio:.3f}; plain Trainer accumulating 32 x 8 / const 8: "
+          f"{accumulation_ratio:.3f} (median of {[round(r, 3) for r in accumulation_ratios]}); BatchRampTrainer "
+          f"constant 256 in chunks of 8 / const 8: {chunked_ratio:.3f} (median of "
+          f"{[round(r, 3) for r in chunked_ratios]})")  # fmt: skip
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as file:
         json.dump(result, file, indent=2)

@@ -5,10 +5,11 @@ role of decaying the learning rate, with far fewer optimizer updates. Here B(t) 
 training clock (consumed samples or tokens) and is realised as **accumulation at a fixed micro-batch**:
 
 - the train DataLoader yields one *step batch* per optimizer step (this rank's share, ``B(t) / world_size``
-  samples, from ``RampBatchSampler``); the Trainer runs with ``gradient_accumulation_steps=1``;
-- ``training_step`` splits it into micro-chunks of at most ``max_micro_batch_size`` samples, trims each chunk's
-  trailing padding (columns where the whole chunk's ``attention_mask`` is 0), and runs forward/backward per chunk;
-  under DDP only the last chunk synchronises gradients (``accelerator.no_sync``);
+  rows, from ``RampBatchSampler``); the Trainer runs with ``gradient_accumulation_steps=1``;
+- ``training_step`` splits it into micro-chunks of at most ``max_micro_batch_size`` sequences
+  (``hf_batchsched.data.split_micro_chunks``: rows of a padded batch, trimmed of the chunk's padding; a packed,
+  flattened row cut at sequence boundaries), and runs forward/backward per chunk; under DDP only the last chunk
+  synchronises gradients (``accelerator.no_sync``);
 - the loss is normalised over the whole step batch: token-level for per-token (integer, 2-D) labels through the
   Trainer's own ``num_items_in_batch`` (counted over all chunks and all ranks, labels shifted like the model's
   loss), per-example otherwise (image/sequence classification, regression: each chunk's mean loss weighted by its
@@ -60,8 +61,8 @@ Metrics (added to every training log, so they reach every ``report_to`` integrat
 | name | meaning |
 |---|---|
 | ``batchsched/batch_size`` | global batch size of the last optimizer step |
-| ``batchsched/samples_seen`` | consumed samples (all ranks) |
-| ``batchsched/tokens_seen`` | consumed non-pad tokens (all ranks); omitted when the batches carry no tokens (images) |
+| ``batchsched/samples_seen`` | consumed samples, i.e. sequences (all ranks) |
+| ``batchsched/tokens_seen`` | consumed non-pad tokens of the dataset rows (all ranks); omitted for images |
 | ``batchsched/micro_chunks`` | micro-chunks per rank in the last step |
 | ``batchsched/sgd_noise`` | Smith et al.'s noise scale g = lr (N/B - 1) / (1 - m) (m: momentum or Adam beta1) |
 

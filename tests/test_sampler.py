@@ -146,8 +146,9 @@ def test_sample_lengths_datasets_and_torch():
     assert sample_lengths(dataset.select([4, 0, 2])).tolist() == [expected[4], expected[0], expected[2]]
     as_list = [dataset[i] for i in range(len(dataset))]
     assert sample_lengths(as_list).tolist() == expected
-    masked = Dataset.from_dict({"input_ids": [[5, 6, 7], [], [8, 9]], "attention_mask": [[1, 1, 0], [], [0, 1]]})
-    assert sample_lengths(masked).tolist() == [2, 0, 1]
+    masks = [[1, 1, 0], [], [0, 1], [], [1]]  # empty rows inside and at the end
+    masked = Dataset.from_dict({"input_ids": [[5] * len(m) for m in masks], "attention_mask": masks})
+    assert sample_lengths(masked).tolist() == [2, 0, 1, 0, 1]
 
 
 def test_rounding_is_down_and_logged(caplog):

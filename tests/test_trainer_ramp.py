@@ -597,7 +597,9 @@ def test_token_clock_survives_resume_when_the_collator_truncates(tmp_path, caplo
     draws the batches of the uninterrupted one; the truncation is reported once."""
     from hf_batchsched.schedules.batch import PiecewiseBatch
 
-    schedule = PiecewiseBatch.parse("0:4 100:8", unit="tokens")
+    # 90 tokens: between the resumed collated count and the dataset count, so a clock that mixed them would switch
+    # to 8 one step late after the resume
+    schedule = PiecewiseBatch.parse("0:4 90:8", unit="tokens")
     overrides = {"num_train_epochs": 2, "save_strategy": "steps", "save_steps": 3, "per_device_train_batch_size": 4}
 
     def run(name, **kwargs):

@@ -38,14 +38,16 @@ def _arrow_column(dataset, name: str):
 
 
 def _list_sums(column) -> np.ndarray:
-    """Per-row sums of a pyarrow list column, from one cumulative sum over the flattened values."""
+    """Per-row sums of a pyarrow list column: one ``reduceat`` over the flattened values (empty rows sum to 0)."""
     import pyarrow.compute as pc
 
     lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    cumulative = np.concatenate(([0], np.cumsum(values)))
-    ends = np.cumsum(lengths)
-    return cumulative[ends] - cumulative[ends - lengths]
+    if not len(lengths):
+        return lengths
+    values = np.append(column.flatten().to_numpy(zero_copy_only=False), 0)  # a sentinel: every start is an index
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    sums = np.add.reduceat(values, starts, dtype=np.int64)
+    return np.where(lengths > 0, sums, 0)
 
 
 def sample_lengths(dataset) -> np.ndarray:
