@@ -260,8 +260,14 @@ def test_resume_with_another_schedule_is_refused_unless_allowed(reference, tmp_p
     checkpoint = os.path.join(reference["dir"], "checkpoint-4")
     with pytest.raises(ConfigError, match=r"does not match this run's batch plan \(batch_schedule: .*0:4 8:8 24:16"):
         make_trainer(tmp_path / "a", schedule="0:4 8:8 24:32").train(resume_from_checkpoint=checkpoint)
-    with pytest.raises(ConfigError, match=r"max_micro_batch_size: 4 -> 2; batch_size_multiple: 4 -> 2"):
+    with pytest.raises(ConfigError, match=r"plan \(max_micro_batch_size: 4 -> 2\)"):
         make_trainer(tmp_path / "b", max_micro_batch_size=2).train(resume_from_checkpoint=checkpoint)
+    with pytest.raises(ConfigError, match=r"plan \(batch_size_multiple: 1 -> 4\)"):
+        make_trainer(tmp_path / "b2", batch_size_multiple=4).train(resume_from_checkpoint=checkpoint)
+    with pytest.raises(ConfigError, match=r'plan \(train_sampling_strategy: "random" -> "sequential"\)'):
+        make_trainer(tmp_path / "b3", args={"train_sampling_strategy": "sequential"}).train(
+            resume_from_checkpoint=checkpoint
+        )
     with pytest.raises(ConfigError, match=r"num_train_epochs: 2.0 -> 3.0"):
         make_trainer(tmp_path / "c", num_train_epochs=3).train(resume_from_checkpoint=checkpoint)
 
