@@ -70,7 +70,7 @@ def test_chunks_of_a_flattened_row_give_the_loss_and_gradient_of_one_forward(att
         starts = torch.tensor([0]) if starts is None else starts
         assert chunk["position_ids"][0, starts].eq(0).all() and chunk["seq_idx"][0, 0] == 0
         assert chunk["cu_seq_lens_q"].tolist() == starts.tolist() + [chunk["input_ids"].shape[1]]
-        assert chunk["max_length_q"] == int(torch.tensor(chunk["cu_seq_lens_q"]).diff().max())
+        assert chunk["max_length_q"] == int(chunk["cu_seq_lens_q"].diff().max())
     keep = ("input_ids", "labels", "position_ids")
     whole = token_loss_sum(model, {k: flat[k] for k in keep})
     whole.backward()

@@ -174,3 +174,13 @@ def test_finetune_command_takes_config_overrides(tiny_local, tmp_path, capsys):
     assert "***** final metrics *****" in out and "train_loss" in out
     assert main([*argv, "--lerning_rate", "1"]) == 2
     assert "unknown command-line option(s): --lerning_rate 1" in capsys.readouterr().err
+
+
+def test_micro_batch_above_the_batch_keeps_the_batch(tiny_local, tmp_path):
+    """batch_schedule 8 with max_micro_batch_size 64: one chunk of 8 per step (the micro-batch is a memory bound)."""
+    shipped = load_config_file(ROOT / "recipes" / "configs" / "demo_cpu.yaml")
+    config = {**shipped, **tiny_overrides(tiny_local, tmp_path)}
+    config.update(batch_schedule=8, max_micro_batch_size=64, lr_policy=None, max_steps=1)
+    trainer = finetune(parse_config(config))
+    entry = next(e for e in trainer.state.log_history if "loss" in e)
+    assert entry["batchsched/batch_size"] == 8 and entry["batchsched/micro_chunks"] == 1
