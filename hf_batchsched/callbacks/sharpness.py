@@ -14,7 +14,6 @@ from transformers import TrainerCallback
 from ..errors import ConfigError, check_positive
 from ..probes._utils import to_device, world_size_and_rank
 from ..probes.sharpness import estimate_sharpness, validate_sharpness_options
-from ..trainer import full_parameters
 from ._logging import log_metrics
 from ._state import load_callback_state, save_callback_state
 
@@ -244,6 +243,8 @@ class SharpnessProbeCallback(TrainerCallback):
             optimizer = self.trainer.optimizer
             if optimizer is not None and "lr" not in options:
                 options["optimizer"] = getattr(optimizer, "optimizer", optimizer)
+        from ..trainer import full_parameters  # (hf_batchsched.trainer imports the callbacks package)
+
         with full_parameters(self.trainer) as model:  # ZeRO-3 gathers, FSDP2 unshards; other set-ups: as is
             results = estimate_sharpness(model, self.probe_batches(), self.metrics, seed=self.seed, **options)
         self.last_probe_seconds = time.perf_counter() - start
