@@ -9,7 +9,9 @@ training clock (consumed samples or tokens) and is realised as **accumulation at
 - ``training_step`` splits it into micro-chunks of at most ``max_micro_batch_size`` sequences
   (``hf_batchsched.data.split_micro_chunks``: rows of a padded batch, trimmed of the chunk's padding; a packed,
   flattened row cut at sequence boundaries), and runs forward/backward per chunk; under DDP only the last chunk
-  synchronises gradients (``accelerator.no_sync``);
+  synchronises gradients (``accelerator.no_sync``); under DeepSpeed ZeRO the engine's accumulation boundary is the
+  last chunk (``set_train_batch_size`` follows the number of chunks, the engine steps at the boundary); under FSDP2
+  every chunk reduce-scatters (``fsdp_gradient_sync``, see ``BatchRampMixin``);
 - the loss is normalised over the whole step batch: token-level for per-token (integer, 2-D) labels through the
   Trainer's own ``num_items_in_batch`` (counted over all chunks and all ranks, labels shifted like the model's
   loss), per-example otherwise (image/sequence classification, regression: each chunk's mean loss weighted by its
@@ -117,11 +119,11 @@ from .clock import TrainingClock
 from .data.batches import IGNORE_INDEX, batch_len, count_batch, packed_sequence_starts, split_micro_chunks
 from .data.lengths import sample_lengths
 from .data.sampler import DrawnStep, RampBatchSampler, as_batch_schedule
-from .errors import ConfigError, check_positive
+from .errors import ConfigError, check_choice, check_positive
 from .schedules.base import Policy
 from .schedules.noise import sgd_noise
 
-__all__ = ["BatchRampMixin", "BatchRampTrainer", "RAMP_STATE_KEY"]
+__all__ = ["BatchRampMixin", "BatchRampTrainer", "FSDP_ON_CPU_ENV", "RAMP_STATE_KEY", "full_parameters"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +161,153 @@ def _save_trainer_state_atomically(state, json_path: str) -> None:
     if isinstance(stored, dict):
         stored["checkpoint_files"] = checkpoint_files(os.path.dirname(json_path))
     write_text_atomically(json_path, json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n")
+
+
+# ---- sharded engines: DeepSpeed ZeRO and FSDP2 -----------------------------------------------------------------
+#: Environment variable that lets accelerate run FSDP on CPU processes (``1`` to enable): accelerate enables FSDP only
+#: for GPU-like devices and silently runs DDP on the CPU otherwise.
+FSDP_ON_CPU_ENV = "HF_BATCHSCHED_FSDP_ON_CPU"
+#: ``fsdp_gradient_sync`` choices: reduce-scatter each micro-chunk's gradient, or only the last one's.
+FSDP_GRADIENT_SYNC = ("every_chunk", "last_chunk")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def _enable_fsdp_on_cpu(args) -> None:
+    """Let accelerate build its FSDP plugin for CPU processes (opt-in through ``HF_BATCHSCHED_FSDP_ON_CPU=1``).
+
+    accelerate picks FSDP only when the process state is a multi-GPU-like type; CPU processes are ``MULTI_CPU`` and
+    get plain DDP. Before the Trainer creates its ``Accelerator``, the (not yet final) process type is presented as
+    multi-device so the ``AcceleratorState`` turns it into ``FSDP``; the device stays the CPU and the process group
+    is the one already initialised (gloo). Does nothing when no FSDP was asked for or the state is already built.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    if not _fsdp_requested(args) or AcceleratorState._shared_state:
+        return
+    state = PartialState()
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+
+
+def _fsdp_requested(args) -> bool:
+    return _env_flag("ACCELERATE_USE_FSDP") or bool(getattr(args, "fsdp", None))
+
+
+def _deepspeed_requested(args) -> bool:
+    return _env_flag("ACCELERATE_USE_DEEPSPEED") or bool(getattr(args, "deepspeed", None))
+
+
+def _check_sharding_engine(trainer) -> str | None:
+    """The engine the Trainer really runs: ``"zero0"``-``"zero3"``, ``"fsdp1"``, ``"fsdp2"`` or ``None`` (DDP/one
+    process). Refuses, in one line, a launch that asked for FSDP or DeepSpeed and got plain DDP."""
+    args = trainer.args
+    device = "the CPU" if args.use_cpu or args.device.type == "cpu" else args.device.type
+    distributed_type = trainer.accelerator.distributed_type.value
+    if trainer.is_deepspeed_enabled:
+        config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
+        if config.get("zero_optimization", {}).get("stage", 0) not in (0, 1, 2, 3):
+            raise ConfigError("unknown DeepSpeed ZeRO stage; zero_optimization.stage must be 0, 1, 2 or 3")
+        if config.get("managed_gradient_accumulation") is False:
+            raise ConfigError(
+                "DeepSpeed managed_gradient_accumulation=false is not supported: the batch ramp marks each "
+                "micro-chunk's accumulation boundary itself; remove the key from the DeepSpeed config"
+            )
+        return f"zero{config.get('zero_optimization', {}).get('stage', 0)}"
+    if trainer.is_fsdp_enabled:
+        return f"fsdp{getattr(trainer.accelerator.state.fsdp_plugin, 'fsdp_version', 1)}"
+    if distributed_type == "NO":
+        got = "one process without sharding (distributed_type NO)"
+    else:
+        got = f"plain data parallel (distributed_type {distributed_type})"
+    if _fsdp_requested(args):
+        hint = (
+            f"accelerate enables FSDP on GPUs only; set {FSDP_ON_CPU_ENV}=1 to run FSDP2 on CPU processes (gloo)"
+            if device == "the CPU"
+            else "check the accelerate config (distributed_type: FSDP, fsdp_config) and the launch command"
+        )
+        raise ConfigError(
+            f"the launch asks for FSDP (ACCELERATE_USE_FSDP or --fsdp), but accelerate set up {got} on {device}: "
+            f"{hint}, or launch with recipes/accelerate/multi_gpu_ddp.yaml for DDP"
+        )
+    if _deepspeed_requested(args):
+        raise ConfigError(
+            f"the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED or --deepspeed), but accelerate set up {got} "
+            f"on {device}: accelerate's --cpu / use_cpu: true turns DeepSpeed off (DeepSpeed runs CPU processes "
+            "without it); remove it, or launch with recipes/accelerate/multi_gpu_ddp.yaml for DDP"
+        )
+    return None
+
+
+def _sq_norm(tensors: list[torch.Tensor | None]) -> torch.Tensor:
+    """``Σ |t|²`` over the tensors that are not ``None`` (each normed in float32), as a float64 scalar."""
+    norms = [torch.linalg.vector_norm(t, dtype=torch.float32).double() for t in tensors if t is not None]
+    return torch.stack(norms).pow(2).sum() if norms else torch.zeros((), dtype=torch.float64)
+
+
+def _fsdp_modules(model: torch.nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+@contextlib.contextmanager
+def full_parameters(trainer):
+    """Yield ``trainer.model`` with every parameter whole and plain on every rank, for probes that perturb weights.
+
+    One process, DDP, ZeRO-0/1/2: the model as it is (parameters are not sharded). ZeRO-3: all parameters gathered
+    (``deepspeed.zero.GatheredParameters``, no write-back) with the engine's partitioning hooks detached, so forwards
+    see the full weights. FSDP2: every ``FSDPModule`` unsharded with resharding and gradient reduction off, so the
+    model's parameters are the unsharded tensors and forwards/backwards run on them without collectives. On exit the
+    sharded state is restored; a probe that restores what it perturbs (all hf-batchsched probes do) leaves the
+    model exactly as found. Costs the memory of the full model on each rank while inside. Call on every rank.
+    """
+    engine = getattr(trainer, "sharding_engine", None) or _check_sharding_engine(trainer)
+    model = trainer.model
+    if engine == "zero3":
+        import deepspeed
+
+        offload = trainer.model_wrapped.optimizer.parameter_offload
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            for param in model.parameters():
+                param.ds_active_sub_modules.clear()
+            for hook in offload.forward_hooks + offload.backward_hooks:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield model
+            finally:
+                coordinator = getattr(offload, "param_coordinator", None)
+                if coordinator is not None and not coordinator.is_invalid_trace():
+                    coordinator._invalidate_trace()
+                offload._register_deepspeed_module(offload.module)
+    elif engine == "fsdp2":
+        # modules that own parameters (a root whose parameters all live in wrapped children has no group)
+        modules = [m for m in _fsdp_modules(model) if m._get_fsdp_state()._fsdp_param_group is not None]
+        saved = []
+        for module in modules:
+            group = module._get_fsdp_state()._fsdp_param_group
+            saved.append((group.post_forward_mesh_info is not None, group.reshard_after_backward))
+            module.set_reshard_after_forward(False, recurse=False)
+            module.set_reshard_after_backward(False, recurse=False)
+            module.set_requires_gradient_sync(False, recurse=False)
+        for module in modules:
+            module.unshard()
+        try:
+            yield model
+        finally:
+            for module, (after_forward, after_backward) in zip(modules, saved):
+                module.reshard()
+                module.set_reshard_after_forward(after_forward, recurse=False)
+                module.set_reshard_after_backward(after_backward, recurse=False)
+                module.set_requires_gradient_sync(True, recurse=False)
+    elif engine == "fsdp1":
+        raise ConfigError("probes on FSDP1 models are not supported; use FSDP2 (fsdp_version: 2) or DeepSpeed")
+    else:
+        yield model
 
 
 class _RampCallback(TrainerCallback):
@@ -219,11 +368,21 @@ class BatchRampMixin:
             continues from the checkpoint's clock with the new settings (logged). The dataset size and data seed
             must always match.
 
+        fsdp_gradient_sync (`str`, *optional*, defaults to `"every_chunk"`): under FSDP2, reduce-scatter every
+            micro-chunk's gradient (they stay sharded: gradient memory 1/world of the model's; k reduce-scatters per
+            step) or only the last chunk's (``"last_chunk"``: one reduce-scatter per step, but every rank holds the
+            whole model's unsharded gradients until then, as much as DDP). Ignored by other engines.
+
+    Engines: one process, DDP, DeepSpeed ZeRO (``deepspeed=`` or accelerate's DeepSpeed plugin) and FSDP2 (accelerate
+    ``fsdp_version: 2``); on CPU processes accelerate only builds FSDP with ``HF_BATCHSCHED_FSDP_ON_CPU=1``.
+
     Bad input raises ``ConfigError``: a ramp with ``gradient_accumulation_steps > 1`` (the chunks replace it), an
-    ``IterableDataset``, a schedule larger than the dataset, ``auto_find_batch_size``, DeepSpeed,
-    ``train_sampling_strategy="batch_rebalance"``. With no ``batch_schedule`` and ``gradient_accumulation_steps > 1``
-    the accumulation moves into the chunks (logged). ``train_sampling_strategy`` ``"sequential"`` reads the data in
-    order, ``"group_by_length"`` sorts each step batch by length; ``dataloader_drop_last`` drops a short last step.
+    ``IterableDataset``, a schedule larger than the dataset, ``auto_find_batch_size``, a launch that asked for FSDP
+    or DeepSpeed but runs plain DDP, an ``lr_policy`` next to a DeepSpeed ``scheduler`` section, DeepSpeed's
+    ``managed_gradient_accumulation: false``, ``train_sampling_strategy="batch_rebalance"``. With no
+    ``batch_schedule`` and ``gradient_accumulation_steps > 1`` the accumulation moves into the chunks (logged).
+    ``train_sampling_strategy`` ``"sequential"`` reads the data in order, ``"group_by_length"`` sorts each step
+    batch by length; ``dataloader_drop_last`` drops a short last step.
     """
 
     def __init__(
@@ -236,10 +395,16 @@ class BatchRampMixin:
         batch_size_multiple: int | None = None,
         rounding: str = "down",
         allow_schedule_change_on_resume: bool = False,
+        fsdp_gradient_sync: str = "every_chunk",
         **kwargs,
     ):
+        check_choice("fsdp_gradient_sync", fsdp_gradient_sync, FSDP_GRADIENT_SYNC)
+        if _env_flag(FSDP_ON_CPU_ENV):
+            _enable_fsdp_on_cpu(kwargs.get("args", args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
         targs = self.args
+        self.fsdp_gradient_sync = fsdp_gradient_sync
+        self.sharding_engine = _check_sharding_engine(self)
         world_size = targs.world_size
         accumulation = targs.gradient_accumulation_steps
         if batch_schedule is None:
@@ -262,11 +427,6 @@ class BatchRampMixin:
             self.accelerator.gradient_accumulation_steps = 1
         if targs.auto_find_batch_size:
             raise ConfigError("auto_find_batch_size is not supported with a batch ramp; set max_micro_batch_size")
-        if self.is_deepspeed_enabled:
-            raise ConfigError(
-                "BatchRampTrainer does not support DeepSpeed yet (its engine owns gradient accumulation); use DDP "
-                "or FSDP through accelerate"
-            )
         self.max_micro_batch_size = max_micro_batch_size or targs.per_device_train_batch_size
         check_positive("max_micro_batch_size", self.max_micro_batch_size)
         self.batch_schedule = as_batch_schedule(batch_schedule)
@@ -275,6 +435,12 @@ class BatchRampMixin:
 
             lr_policy = lr_policy_from_config(lr_policy)
         self.lr_policy = lr_policy
+        if lr_policy is not None and self.sharding_engine in ("zero1", "zero2", "zero3"):
+            if "scheduler" in self.accelerator.state.deepspeed_plugin.deepspeed_config:
+                raise ConfigError(
+                    "lr_policy and the DeepSpeed config's 'scheduler' section would both set the learning rate; "
+                    "remove the 'scheduler' section (the policy then drives the engine's optimizer) or the lr_policy"
+                )
         self.ramp_seed = seed if seed is not None else (targs.data_seed if targs.data_seed is not None else targs.seed)
         self.ramp_rounding = rounding
         self.batch_size_multiple = batch_size_multiple or world_size
@@ -594,6 +760,11 @@ class BatchRampMixin:
         world_size = self.accelerator.num_processes
         local_rows = batch_len(inputs)
         step_rows, step_samples, step_tokens = self._count_step(inputs, drawn, local_rows)
+        if world_size > 1 and self.sharding_engine is not None:
+            self._check_equal_chunk_counts(len(chunks))
+        if self.is_deepspeed_enabled:  # the engine's batch bookkeeping follows the step (its boundary is set below)
+            engine = self.accelerator.deepspeed_engine_wrapped.engine
+            engine.set_train_batch_size(len(chunks) * engine.train_micro_batch_size_per_gpu() * engine.dp_world_size)
         if not step_tokens and self.lr_policy is not None and self.lr_policy.unit == "tokens":
             raise ConfigError(
                 f"lr_policy {self.lr_policy.name!r} counts tokens, but the training batches have no attention_mask "
@@ -621,8 +792,9 @@ class BatchRampMixin:
             if weights is not None:
                 self.current_chunk_num_items, self.current_chunk_loss_weight = weights[index]
             last = index == len(chunks) - 1
-            sync = contextlib.nullcontext if last else functools.partial(self.accelerator.no_sync, model=model)
-            with sync():
+            # DeepSpeed: accelerate marks the engine's accumulation boundary from sync_gradients, and steps there
+            self.accelerator.gradient_state._set_sync_gradients(last)
+            with self._chunk_sync_context(model, last):
                 loss = super().training_step(model, chunk, num_items_in_batch)
             total_loss = loss if total_loss is None else total_loss + loss
             chunk_samples = count_batch(chunk)[0] if packed else batch_len(chunk)
@@ -767,6 +939,75 @@ class BatchRampMixin:
             "or 16-bit logits)",
         )
         return exact
+
+    def _chunk_sync_context(self, model, last: bool):
+        """How a chunk's gradient is synchronised: DDP and FSDP1 defer all but the last chunk (``no_sync``); ZeRO
+        reduces in its own backward hooks (partitioned gradients) and steps at the boundary; FSDP2 reduce-scatters
+        every chunk (``fsdp_gradient_sync="every_chunk"``: gradients stay sharded) or only the last one (unsharded
+        gradients of the whole model accumulate on every rank until then)."""
+        if last or self.is_deepspeed_enabled:
+            return contextlib.nullcontext()
+        if self.sharding_engine == "fsdp2" and self.fsdp_gradient_sync == "every_chunk":
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(model=model)
+
+    def _check_equal_chunk_counts(self, num_chunks: int) -> None:
+        """Sharded engines run collectives in every chunk's backward: all ranks must run the same number."""
+        extremes = torch.tensor([num_chunks, -num_chunks], dtype=torch.long, device=self.args.device)
+        torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
+        if int(extremes[0]) != -int(extremes[1]):
+            raise ConfigError(
+                f"ranks split this step into {-int(extremes[1])} to {int(extremes[0])} micro-chunks; under "
+                f"{self.sharding_engine} every rank must run the same number (each backward communicates). Use a "
+                "batch_size_multiple of max_micro_batch_size * world_size"
+            )
+
+    @property
+    def reduces_every_chunk(self) -> bool:
+        """Whether each chunk's gradient is reduced over ranks in its own backward (ZeRO-2/3, FSDP2 with
+        ``fsdp_gradient_sync="every_chunk"``); under DDP, ZeRO-0/1 and FSDP1 only the last chunk's is."""
+        return self.sharding_engine in ("zero2", "zero3") or (
+            self.sharding_engine == "fsdp2" and self.fsdp_gradient_sync == "every_chunk"
+        )
+
+    def accumulated_grad_sq_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """Squared norm of the gradient accumulated so far in this step, as the engine holds it (float64 scalar).
+
+        One process / DDP: this rank's ``.grad`` (in place, no copy). ZeRO-3: the reduced (mean over ranks)
+        gradient's local partitions (``safe_get_local_grad``) summed over ranks (one scalar all-reduce).
+        FSDP2: the reduced, sharded ``.grad`` (local shards summed over ranks). With a sharded engine every rank
+        must call it. Under ZeRO read it before the last chunk (the engine steps and clears in the last backward):
+        use :meth:`step_grad_sq_norm` after it.
+        """
+        from .probes.noise_scale import grad_sq_norm
+
+        engine = self.sharding_engine
+        if engine in ("zero0", "zero1", "zero2"):
+            raise ConfigError(
+                f"{engine} keeps a micro-chunk's gradient in internal buffers until the accumulation boundary; the "
+                "accumulated gradient can be read under ZeRO-3, FSDP2 and DDP"
+            )
+        if engine in (None, "fsdp1"):
+            return grad_sq_norm(params)
+        if engine == "zero3":
+            from deepspeed.utils import safe_get_local_grad
+
+            total = _sq_norm([safe_get_local_grad(p) for p in params])
+        else:
+            total = _sq_norm([p.grad.to_local() if p.grad is not None else None for p in params])
+        torch.distributed.all_reduce(total)
+        return total
+
+    def step_grad_sq_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """Squared norm of the whole step's reduced gradient, read after the last chunk's backward: under DeepSpeed
+        the engine's own pre-clipping norm (``engine.get_global_grad_norm()``), else
+        :meth:`accumulated_grad_sq_norm`."""
+        if self.is_deepspeed_enabled:
+            norm = self.accelerator.deepspeed_engine_wrapped.engine.get_global_grad_norm()
+            if norm is None:
+                return torch.tensor(float("nan"), dtype=torch.float64)
+            return torch.as_tensor(norm, dtype=torch.float64).reshape(()) ** 2
+        return self.accumulated_grad_sq_norm(params)
 
     def _chunk_loss_weights(self, chunks: list[dict], num_items_in_batch, accumulation: list[float]) -> list[tuple]:
         """``(items, loss weight)`` of each chunk (see "Step hooks" in the module docstring).

@@ -35,14 +35,16 @@ def tiny_dataset():
     return synthetic_lm_dataset(num_samples=64, seq_len=16)
 
 
-def run_torchrun(script: str, out_dir, nproc: int = 2, timeout: int = 240) -> list[dict]:
-    """``torchrun --nproc_per_node nproc script out_dir`` on CPU (gloo, one thread per rank); returns each rank's
-    ``out_dir/rank<r>.json`` (the worker writes it). Fails the test with the ranks' stderr if the launch fails."""
+def run_torchrun(script: str, out_dir, nproc: int = 2, timeout: int = 240, env: dict | None = None) -> list[dict]:
+    """``torchrun --nproc_per_node nproc script out_dir`` on CPU (gloo, one thread per rank, extra ``env``); returns
+    each rank's ``out_dir/rank<r>.json`` (the worker writes it). Fails the test with the ranks' stderr if the launch
+    fails."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
+    path = os.pathsep.join([os.path.dirname(here), here])
+    env = dict(os.environ, **(env or {}), OMP_NUM_THREADS="1", PYTHONPATH=path)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
         "--master_port", str(port), os.path.abspath(script), str(out_dir),

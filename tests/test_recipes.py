@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from hf_batchsched.checkpoint import RAMP_STATE_KEY
 from hf_batchsched.errors import ConfigError
 from hf_batchsched.recipe import finetune, load_config_file, parse_args, parse_config
 
@@ -184,3 +185,68 @@ def test_micro_batch_above_the_batch_keeps_the_batch(tiny_local, tmp_path):
     trainer = finetune(parse_config(config))
     entry = next(e for e in trainer.state.log_history if "loss" in e)
     assert entry["batchsched/batch_size"] == 8 and entry["batchsched/micro_chunks"] == 1
+
+
+# ---- sharded launches on CPU processes: the README's commands ----------------------------------------------------
+def readme_commands(marker: str) -> list[str]:
+    """The shell commands of the README block after ``<!-- commands: marker -->`` (continuation lines joined)."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(rf"<!-- commands: {marker} -->\s*```bash\n(.*?)```", text, re.S).group(1)
+    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def run_launch(command: str, overrides: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a README command (``VAR=value ... accelerate launch ...``) from the repository root with ``overrides``
+    appended (a tiny local model and data instead of the demo's)."""
+    import shlex
+
+    words = shlex.split(command)
+    launch_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    while "=" in words[0]:
+        key, value = words.pop(0).split("=", 1)
+        launch_env[key] = value
+    assert words[:2] == ["accelerate", "launch"], command
+    words[0] = str(Path(sys.executable).with_name("accelerate"))
+    return subprocess.run(words + overrides, capture_output=True, text=True, cwd=ROOT, env=launch_env, timeout=480)
+
+
+def sharded_overrides(root: Path, output_dir: Path) -> list[str]:
+    return [
+        "--model_name_or_path", str(root / "model"), "--data_files", str(root / "data.jsonl"), "--max_seq_length",
+        "32", "--report_to", "none", "--eval_strategy", "no", "--save_strategy", "steps", "--save_steps", "4",
+        "--disable_tqdm", "true", "--output_dir", str(output_dir),
+    ]  # fmt: skip
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["deepspeed_zero2", "deepspeed_zero3", "fsdp"])
+def test_sharded_recipe_runs_on_two_cpu_processes(launcher, tiny_local, tmp_path):
+    [command] = [c for c in readme_commands("sharded-cpu") if f"recipes/accelerate/{launcher}.yaml " in c]
+    result = run_launch(command, sharded_overrides(tiny_local, tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    losses = [float(v) for v in re.findall(r"train_loss\s+=\s+(\S+)", result.stdout)]
+    assert losses and all(loss == loss for loss in losses)
+    checkpoint = tmp_path / "checkpoint-4"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert RAMP_STATE_KEY in state["stateful_callbacks"], "the ramp state travels with the engine's checkpoint"
+    if launcher.startswith("deepspeed"):  # one ZeRO partition of the optimizer state per rank
+        assert len(list((checkpoint / "global_step4").glob("*optim_states.pt"))) == 2
+    else:  # FSDP2 sharded state dict: one shard per rank
+        assert len(list((checkpoint / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
+
+
+@pytest.mark.distributed
+def test_fsdp_recipe_on_cpu_without_opt_in_is_refused(tiny_local, tmp_path):
+    [command] = [c for c in readme_commands("sharded-cpu") if "recipes/accelerate/fsdp.yaml " in c]
+    command = command.replace("HF_BATCHSCHED_FSDP_ON_CPU=1 ", "")
+    result = run_launch(command, sharded_overrides(tiny_local, tmp_path), env={"HF_BATCHSCHED_FSDP_ON_CPU": "0"})
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "finetune.py: error:" in line]
+    assert len(errors) == 2 and errors[0] == errors[1], result.stderr[-4000:]  # one line from each rank
+    assert (
+        "the launch asks for FSDP (ACCELERATE_USE_FSDP or --fsdp), but accelerate set up plain data parallel"
+        in (errors[0])
+    )
+    assert "HF_BATCHSCHED_FSDP_ON_CPU=1" in errors[0]
+    assert not (tmp_path / "checkpoint-4").exists()

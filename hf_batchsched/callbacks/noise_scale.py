@@ -29,6 +29,16 @@ the trace of ``Cov(s_i − L_i G) / mean(L)²`` plus a length-gradient correlati
 two-batch form holds with ``B`` in sequences, and ``B_simple`` is a global batch in samples (the batch schedule's
 unit). Counting tokens instead would treat correlated tokens as independent draws and give a noise scale in tokens.
 
+Sharded engines: under DeepSpeed ZeRO-3 and FSDP2 (``fsdp_gradient_sync="every_chunk"``) every chunk's gradient
+is reduced over ranks in its own backward, so there is no per-rank chunk-1 gradient. The callback reads the reduced
+one instead (``trainer.accumulated_grad_sq_norm``: ZeRO-3's local fp32 gradient partitions, FSDP2's local ``.grad``
+shards, each summed over ranks with one scalar all-reduce): the gradient of the mean loss over all ranks' first
+chunks, weighted by the mean over ranks of their loss weights, so ``Bs = world_size · chunk samples``. ``|G_Bb|²``
+is the engine's pre-clipping global norm under ZeRO-3 (``engine.get_global_grad_norm()``; the engine has stepped
+by the end of the last chunk) and the reduced sharded gradient under FSDP2. ZeRO-0/1/2 keep a chunk's gradient in
+internal buffers until the accumulation boundary, FSDP2 with ``"last_chunk"`` keeps it unsharded inside FSDP, and
+DeepSpeed fp16 scales it: these are refused at construction.
+
 Steps with a single micro-chunk per rank have no second batch size and are skipped (counted in
 ``skipped_steps``); a configuration where no step can have two chunks is refused at construction.
 
@@ -73,6 +83,25 @@ def _max_global_batch(schedule) -> int | None:
     return None
 
 
+def _check_engine(trainer) -> None:
+    """Refuse the engines whose first-chunk gradient the callback cannot read (see "Sharded engines")."""
+    engine = getattr(trainer, "sharding_engine", None)
+    if engine in ("zero0", "zero1", "zero2", "fsdp1"):
+        raise ConfigError(
+            f"NoiseScaleCallback does not support {engine}: the engine keeps a micro-chunk's gradient in internal "
+            "buffers until the accumulation boundary. Use DDP, DeepSpeed ZeRO-3 or FSDP2"
+        )
+    if engine == "fsdp2" and not trainer.reduces_every_chunk:
+        raise ConfigError(
+            "NoiseScaleCallback under FSDP2 reads the reduce-scattered first-chunk gradient; "
+            "fsdp_gradient_sync='last_chunk' keeps it unsharded inside FSDP. Use fsdp_gradient_sync='every_chunk'"
+        )
+    if engine is not None and engine.startswith("zero") and trainer.args.fp16:
+        raise ConfigError(
+            "NoiseScaleCallback under DeepSpeed fp16 would read loss-scaled partitioned gradients; use bf16 (or DDP)"
+        )
+
+
 class NoiseScaleCallback(TrainerCallback):
     """Measure the gradient noise scale every ``every_n_steps`` optimizer steps of a ``BatchRampTrainer``.
 
@@ -87,8 +116,9 @@ class NoiseScaleCallback(TrainerCallback):
 
     The estimator and (adaptive) schedule state are stored in ``TrainerState.stateful_callbacks`` under
     ``"hf_batchsched.NoiseScaleCallback"``, so they travel with every checkpoint and are restored on
-    ``train(resume_from_checkpoint=...)``. Supported: single process and DDP; FSDP and DeepSpeed shard gradients and
-    are refused.
+    ``train(resume_from_checkpoint=...)``. Supported: single process, DDP, DeepSpeed ZeRO-3 and FSDP2 (with the
+    trainer's ``fsdp_gradient_sync="every_chunk"``); see "Sharded engines" in the module docstring. Refused:
+    ZeRO-0/1/2, FSDP1, FSDP2 with ``"last_chunk"``, DeepSpeed fp16.
 
     Example:
 
@@ -108,11 +138,7 @@ class NoiseScaleCallback(TrainerCallback):
                 f"{type(trainer).__name__}: it measures the gradient of one micro-chunk inside each step"
             )
         check_positive("every_n_steps", every_n_steps)
-        if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
-            raise ConfigError(
-                "NoiseScaleCallback reads full per-rank gradients; FSDP and DeepSpeed shard them. Use DDP, or measure "
-                "offline with hf_batchsched.probes.noise_scale.estimate_noise_scale"
-            )
+        _check_engine(trainer)
         self.trainer = trainer
         self.every_n_steps = int(every_n_steps)
         schedule = getattr(trainer, "batch_schedule", None)
@@ -213,8 +239,12 @@ class NoiseScaleCallback(TrainerCallback):
                 "trainer.add_callback(callback) so it can log and save its state"
             )
         if chunk_index == 0 and num_chunks > 1 and self._measuring():
-            # Only chunk 1 has been accumulated: .grad is (this rank's) chunk-1 gradient times its loss weight.
-            self._small = grad_sq_norm(self._params())
+            # Only chunk 1 has been accumulated: .grad is (this rank's) chunk-1 gradient times its loss weight; under
+            # ZeRO-2/3 and FSDP2 it is already reduced over ranks (see "Sharded engines").
+            if getattr(trainer, "reduces_every_chunk", False):
+                self._small = trainer.accumulated_grad_sq_norm(self._params())
+            else:
+                self._small = grad_sq_norm(self._params())
             self._small_samples = int(chunk_num_samples)
             # The factor by which chunk 1's mean loss (over its samples or label tokens) entered .grad; the trainer
             # sets it before every hook call.
@@ -234,11 +264,22 @@ class NoiseScaleCallback(TrainerCallback):
                 )
             return
         world_size = trainer.accelerator.num_processes
-        big = grad_sq_norm(self._params())
-        norms = torch.stack([small.to(big.device, big.dtype) / self._small_weight**2, big])
-        if world_size > 1:  # every rank: mean of the per-rank small norms; the big one is identical on all ranks
-            norms = trainer.accelerator.reduce(norms, reduction="mean")
-        sq_small, sq_big = (float(value) for value in norms.tolist())
+        small_samples = self._small_samples
+        if getattr(trainer, "reduces_every_chunk", False):
+            # The reduced chunk-1 gradient is the mean over ranks of weight_r * (rank r's chunk-1 mean-loss
+            # gradient) = mean_r(weight_r) * (gradient of the mean loss over all ranks' first chunks).
+            weight = torch.tensor([float(self._small_weight)], dtype=torch.float64, device=trainer.args.device)
+            weight = trainer.accelerator.reduce(weight, reduction="mean")
+            big = trainer.step_grad_sq_norm(self._params())
+            sq_small = float(small) / float(weight) ** 2
+            sq_big = float(big)
+            small_samples *= world_size
+        else:
+            big = grad_sq_norm(self._params())
+            norms = torch.stack([small.to(big.device, big.dtype) / self._small_weight**2, big])
+            if world_size > 1:  # every rank: mean of the per-rank small norms; the big one is identical on all ranks
+                norms = trainer.accelerator.reduce(norms, reduction="mean")
+            sq_small, sq_big = (float(value) for value in norms.tolist())
         scaler = getattr(trainer.accelerator, "scaler", None)
         if scaler is not None and scaler.is_enabled():  # fp16: .grad holds loss-scaled gradients until unscale_
             loss_scale = float(scaler.get_scale())
@@ -247,7 +288,7 @@ class NoiseScaleCallback(TrainerCallback):
             self.skipped_steps += 1
             logger.warning("NoiseScaleCallback: non-finite gradient norm at step %d, skipped", self.step)
             return
-        self.estimator.update(sq_small, sq_big, self._small_samples, step_num_samples)
+        self.estimator.update(sq_small, sq_big, small_samples, step_num_samples)
         if self.schedule is not None:
             # The change applies to batches the sampler has not drawn yet: with DataLoader workers, that is after
             # the num_workers * prefetch_factor batches already requested.

@@ -33,7 +33,10 @@ class SharpnessProbeCallback(TrainerCallback):
     train/eval mode, RNG states).
 
     Under DDP every rank runs the probe on its share of the probe batches and the loss, gradient and HVP sums are
-    all-reduced, so all ranks log the same numbers. QLoRA (4-bit base) works in adapter space and in merged
+    all-reduced, so all ranks log the same numbers. Under DeepSpeed ZeRO-3 the parameters are gathered and under
+    FSDP2 unsharded for the probe (``hf_batchsched.trainer.full_parameters``: the full model on every rank while it
+    runs); under any ZeRO stage or FSDP the edge-of-stability ratio is not logged (the optimizer holds partitioned
+    copies of the parameters). QLoRA (4-bit base) works in adapter space and in merged
     space (the 4-bit base is dequantised for the reference scale); only tested on CPU, where the probe also stops
     bitsandbytes from repacking 4-bit weights for inference (which would cut gradients).
 
@@ -234,11 +237,16 @@ class SharpnessProbeCallback(TrainerCallback):
             return None
         start = time.perf_counter()
         options = dict(self.metric_options)
-        if "lambda_max" in self.metrics and not options.get("merged") and "optimizer" not in options:
+        # Under ZeRO / FSDP the optimizer holds flat or sharded copies, not the model's parameters: no EoS ratio
+        sharded = getattr(self.trainer, "sharding_engine", None) is not None
+        if "lambda_max" in self.metrics and not options.get("merged") and "optimizer" not in options and not sharded:
             optimizer = self.trainer.optimizer
             if optimizer is not None and "lr" not in options:
                 options["optimizer"] = getattr(optimizer, "optimizer", optimizer)
-        results = estimate_sharpness(self.trainer.model, self.probe_batches(), self.metrics, seed=self.seed, **options)
+        from ..trainer import full_parameters  # (hf_batchsched.trainer imports the callbacks package)
+
+        with full_parameters(self.trainer) as model:  # ZeRO-3 gathers, FSDP2 unshards; other set-ups: as is
+            results = estimate_sharpness(model, self.probe_batches(), self.metrics, seed=self.seed, **options)
         self.last_probe_seconds = time.perf_counter() - start
         self.probe_seconds += self.last_probe_seconds
         self.num_probes += 1

@@ -631,7 +631,7 @@ class ProbeObjective:
         self.num_hvps += 1
         vector = vector.to(self.device, self.dtype)
         if self.hvp_method == "fd":
-            return self._reduce(self._hvp_fd(vector))
+            return self._hvp_fd(vector)  # loss_and_grad has already summed the gradients over ranks
         self.set_offset(None)
         try:
             out = self._hvp_exact(vector)
@@ -641,7 +641,7 @@ class ProbeObjective:
                 raise
             logger.info("double backprop unavailable (%s); using finite-difference HVPs", str(error).splitlines()[0])
             self.hvp_method = "fd"
-            return self._reduce(self._hvp_fd(vector))
+            return self._hvp_fd(vector)  # loss_and_grad has already summed the gradients over ranks
         if self.hvp_method == "auto":
             self.hvp_method = "exact"
         return self._reduce(out)
