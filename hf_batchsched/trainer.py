@@ -123,7 +123,7 @@ from .errors import ConfigError, check_choice, check_positive
 from .schedules.base import Policy
 from .schedules.noise import sgd_noise
 
-__all__ = ["BatchRampMixin", "BatchRampTrainer", "FSDP_ON_CPU_ENV", "RAMP_STATE_KEY", "full_parameters"]
+__all__ = ["BatchRampMixin", "BatchRampTrainer", "FSDP_ON_CPU_ENV", "RAMP_STATE_KEY", "StepWatch", "full_parameters"]
 
 logger = logging.getLogger(__name__)
 
@@ -308,6 +308,69 @@ def full_parameters(trainer):
         raise ConfigError("probes on FSDP1 models are not supported; use FSDP2 (fsdp_version: 2) or DeepSpeed")
     else:
         yield model
+
+
+class StepWatch:
+    """The current optimizer step's training loss and pre-clipping gradient norm, for callbacks acting before the update.
+
+    Callback events carry neither: at ``on_pre_optimizer_step`` the gradients are already clipped to
+    ``max_grad_norm``, and the Trainer's running loss (``Trainer._tr_loss``) has a NaN step replaced by the mean of
+    earlier ones when ``logging_nan_inf_filter`` is on (the default). ``StepWatch(trainer)`` wraps, on this trainer
+    instance only, the two public calls that produce them: ``trainer.training_step`` (each return value, the loss
+    the Trainer accumulates, NaN included, is summed on the device) and ``trainer.accelerator.clip_grad_norm_``
+    (through which the Trainer clips, or with ``max_grad_norm=0`` measures, the gradients; its return value is the
+    norm before clipping). It is opt-in and reversible: ``remove()`` puts both attributes back as they were.
+
+    ``reset()`` at the start of a step; then ``loss`` is the sum of the step's ``training_step`` returns (a 0-dim
+    tensor, ``None`` if none ran) and ``grad_norm`` the last pre-clipping norm (``None`` if no clip ran, e.g. a
+    Trainer path that does not clip through accelerate).
+
+    Example (as ``SpikeGuardCallback`` uses it)::
+
+        watch = StepWatch(trainer)  # on_train_begin
+        watch.reset()  # on_step_begin
+        loss, grad_norm = watch.loss, watch.grad_norm  # on_pre_optimizer_step
+        watch.remove()  # on_train_end
+    """
+
+    def __init__(self, trainer):
+        self.loss: torch.Tensor | None = None
+        self.grad_norm: float | None = None
+        self._patched = []
+        self._wrap(trainer, "training_step", self._on_training_step)
+        self._wrap(trainer.accelerator, "clip_grad_norm_", self._on_clip)
+
+    def _wrap(self, owner, name: str, record) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            result = original(*args, **kwargs)
+            record(result)
+            return result
+
+        self._patched.append((owner, name, vars(owner).get(name)))
+        setattr(owner, name, wrapper)
+
+    def _on_training_step(self, loss) -> None:
+        loss = torch.as_tensor(loss).detach().float().reshape(())
+        self.loss = loss if self.loss is None else self.loss + loss.to(self.loss.device)
+
+    def _on_clip(self, norm) -> None:
+        if norm is not None:
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor (FSDP2)
+            self.grad_norm = float(norm)
+
+    def reset(self) -> None:
+        self.loss, self.grad_norm = None, None
+
+    def remove(self) -> None:
+        for owner, name, previous in reversed(self._patched):
+            if previous is None:
+                vars(owner).pop(name, None)
+            else:
+                setattr(owner, name, previous)
+        self._patched = []
 
 
 class _RampCallback(TrainerCallback):

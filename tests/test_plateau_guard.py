@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
+import pathlib
 
 import pytest
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from hf_batchsched.callbacks.plateau import PlateauCallback, PlateauTracker, scale_learning_rates
-from hf_batchsched.callbacks.spike_guard import SpikeDetector, SpikeGuardCallback
+from hf_batchsched.callbacks.spike_guard import SpikeDetector, SpikeGuardCallback, gradient_norm
 from hf_batchsched.errors import ConfigError
 from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama, tiny_training_args
 from hf_batchsched.trainer import BatchRampTrainer
@@ -226,15 +227,92 @@ def test_one_spike_detector_implementation():
     assert ratio.observe(6.3) == (True, pytest.approx(6.3 / 2.0))  # 90th percentile of (1.9, 2.0, 2.1) is 2.0
 
 
-def test_spike_guard_says_clearly_when_the_trainer_loss_accumulator_is_missing(tmp_path):
-    """The guard reads the private ``Trainer._tr_loss`` (no public per-step loss exists before the update in
-    transformers 5.x); a Trainer without it is refused at ``on_train_begin`` with a message, not an AttributeError
-    mid-step. Before ``train()`` starts the attribute does not exist yet, which is what this simulates."""
-    trainer = make_trainer(tmp_path)
-    guard = SpikeGuardCallback(trainer)
-    assert not hasattr(trainer, "_tr_loss")
-    with pytest.raises(ConfigError, match=r"Trainer\._tr_loss.*transformers"):
-        guard.on_train_begin(trainer.args, trainer.state, trainer.control)
+def test_spike_detector_flat_window_of_clipped_norms_has_no_spike():
+    """Every gradient clipped at max_grad_norm=1.0: the norms are 1.0 up to rounding, the window's std ~1e-7, and
+    without a floor on the spread a last-bit difference scores z ~ 7. 500 such steps, at float32 rounding (a few
+    ulps, 2**-23) and at bf16 rounding (a bf16 norm: 1.0 or one step either side, 2**-7), give no spike with the
+    guard's defaults; a real rise of 10% above the flat window still is one."""
+    generator = torch.Generator().manual_seed(0)
+    for ulp, steps in ((2.0**-23, 3), (2.0**-7, 1)):
+        detector = SpikeDetector()  # the guard's defaults: window 128, sigma 6, min_history 20
+        noise = torch.randint(-steps, steps + 1, (500,), generator=generator).double() * ulp
+        assert [detector.observe(v)[0] for v in (1.0 + noise).tolist()] == [False] * 500, ulp
+        window = torch.tensor(list(detector.values), dtype=torch.float64)
+        mean, std = window.mean().item(), window.std(unbiased=False).item()
+        assert std < 0.01 * mean  # a degenerate window: the floor (1% of the mean) is the spread used
+        top = 1.0 + steps * ulp
+        assert detector.score(top) == pytest.approx((top - mean) / (0.01 * mean), rel=1e-9) and detector.score(top) < 1
+        assert detector.observe(1.1) == (True, pytest.approx((1.1 - mean) / (0.01 * mean), rel=1e-9))  # z ~ 10 > 6
+    zeros = SpikeDetector(min_history=3)
+    assert [zeros.observe(v)[0] for v in (0.0, 0.0, 0.0, 1e-9)] == [False] * 4  # abs_floor: no division by 0
+    with pytest.raises(ConfigError, match="rel_floor"):
+        SpikeDetector(rel_floor=1.0)
+    with pytest.raises(ConfigError, match="abs_floor"):
+        SpikeDetector(abs_floor=0.0)
+
+
+def test_loss_ratio_detector_ignores_rounding_near_zero_loss():
+    """The stability monitor's ratio to the window's 90th percentile, with ``min_delta=0``: a memorised batch has
+    float32 losses of 0 to a few 1e-8, so consecutive ratios of 3x and more are rounding, not divergence. The
+    reference is floored at abs_floor (1e-6); a real jump is still caught."""
+    from hf_batchsched.probes.stability import LossSpikeDetector
+
+    detector = LossSpikeDetector(window=50, threshold=3.0, min_history=5, min_delta=0.0)
+    generator = torch.Generator().manual_seed(0)
+    losses = (torch.randint(0, 4, (200,), generator=generator).double() * 6e-8).tolist()
+    assert sum(detector.update(loss) for loss in losses) == 0
+    assert detector.update(0.5) and detector.spikes == 1
+
+
+def test_noise_scale_callback_skips_a_zero_reduced_chunk_weight():
+    """Under ZeRO-3/FSDP2 the first-chunk loss weight is averaged over ranks and divided out; a first chunk with no
+    label token on every rank has weight 0. The step is skipped as a non-finite reading (as on the DDP path), not a
+    ZeroDivisionError mid-training."""
+    from types import SimpleNamespace
+
+    from hf_batchsched.callbacks import NoiseScaleCallback
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    param.grad = torch.tensor([3.0, 4.0])
+    accelerator = SimpleNamespace(num_processes=1, reduce=lambda tensor, reduction: tensor, scaler=None)
+    trainer = SimpleNamespace(
+        args=SimpleNamespace(world_size=1, device=torch.device("cpu")),
+        state=SimpleNamespace(global_step=0),
+        accelerator=accelerator,
+        max_micro_batch_size=2,
+        batch_schedule=8,
+        sharding_engine="zero3",
+        reduces_every_chunk=True,
+        current_chunk_loss_weight=0.0,
+        model=torch.nn.Module(),
+        accumulated_grad_sq_norm=lambda params: torch.tensor(25.0),
+        step_grad_sq_norm=lambda params: torch.tensor(25.0),
+        add_step_hook=lambda hook: None,
+    )
+    trainer.args.fp16 = False
+    callback = NoiseScaleCallback(trainer)
+    callback._attached = True
+    callback.on_micro_chunk_end(trainer, chunk_index=0, num_chunks=4, chunk_num_samples=2)
+    callback.on_step_batch_end(trainer, step_num_samples=8)
+    assert callback.skipped_steps == 1 and callback.estimator.num_updates == 0
+    trainer.current_chunk_loss_weight = 0.25  # a weighted chunk is measured: |G_Bs|² = 25 / 0.25²
+    callback.on_micro_chunk_end(trainer, chunk_index=0, num_chunks=4, chunk_num_samples=2)
+    callback.on_step_batch_end(trainer, step_num_samples=8)
+    assert callback.estimator.num_updates == 1
+    assert callback.estimator.trace_sigma == pytest.approx((400.0 - 25.0) / (1 / 2 - 1 / 8))
+
+
+def test_plateau_tracker_is_not_fooled_by_rounding_of_a_flat_metric():
+    """The plateau test compares with a margin relative to the best value (|best| * threshold), so rounding noise,
+    which is relative too (float32: 6e-8 of the value), never counts as an improvement at any scale: a flat metric
+    with a few ulps of noise plateaus at every (patience + 1)-th evaluation, at magnitudes 1e-6 to 1e6."""
+    generator = torch.Generator().manual_seed(0)
+    for scale in (1e-6, 1.0, 1e6):
+        tracker = PlateauTracker(mode="min", patience=2, threshold=1e-3)
+        noise = torch.randint(-3, 4, (9,), generator=generator).float() * 2.0**-23
+        values = (scale * (1.0 + noise)).tolist()
+        # the first value sets the best; every third non-improving evaluation after it is a plateau (patience 2)
+        assert [tracker.update(v) for v in values] == [False, False, False, True, False, False, True, False, False]
 
 
 class LossInjector:
@@ -306,6 +384,136 @@ def test_nan_loss_never_reaches_weights_or_optimizer_state(tmp_path, action):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     logged = [log for log in trainer.state.log_history if "guard/skipped_steps" in log]
     assert logged[-1]["guard/skipped_steps"] == 1 and logged[-1]["guard/nonfinite_steps"] == 1
+
+
+class RoundingNoise(TrainerCallback):
+    """Before the guard looks: multiply every gradient by 1 + k ulps (k in -3..3, float32), as another CPU's
+    summation order would round them; the clipped norms then differ in their last bits."""
+
+    def __init__(self, trainer, seed: int):
+        self.trainer, self.generator = trainer, torch.Generator().manual_seed(seed)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        for p in self.trainer.model.parameters():
+            if p.grad is not None:
+                k = int(torch.randint(-3, 4, (), generator=self.generator))
+                p.grad.mul_(1.0 + k * 2.0**-23)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_nan_step_skipped_alone_whatever_the_rounding_of_clipped_norms(tmp_path, seed):
+    """The NaN test above, with every gradient clipped (max_grad_norm=1.0 and gradients above it) and rounding
+    noise of a few ulps on the clipped gradients: still exactly one skipped step (the NaN one)."""
+    model = tiny_llama(seed=0)
+    trainer = make_trainer(tmp_path, model=model, weight_decay=0.1, max_grad_norm=1.0)
+    LossInjector(model, at=5, factor=float("nan"))
+    guard = SpikeGuardCallback(trainer, window=16, min_history=3, action="skip_and_cut")
+    trainer.add_callback(RoundingNoise(trainer, seed))
+    trainer.add_callback(guard)
+    trainer.train()
+    assert (guard.skipped_steps, guard.nonfinite_steps, guard.lr_cuts) == (1, 1, 0)
+    norms = [log["grad_norm"] for log in trainer.state.log_history if "grad_norm" in log]
+    assert sum(norm > 1.0 for norm in norms) >= 10  # the set-up clips (the NaN step's norm is NaN)
+
+
+class ClippedNorms(TrainerCallback):
+    """The gradient norm each update applies (after clipping)."""
+
+    def __init__(self, trainer):
+        self.trainer, self.norms = trainer, []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.norms.append(gradient_norm(self.trainer.model.parameters()))
+
+
+def test_every_step_clipped_gives_no_skip_and_the_guard_tests_the_pre_clip_norm(tmp_path):
+    """100 healthy steps of a tiny Llama with max_grad_norm=1e-3, far below its gradient norms (about 1): every
+    update is clipped to 1e-3 (equal up to rounding), which scored rounding as spikes before. No step is skipped;
+    the grad window holds the norms before clipping (the Trainer's logged grad_norm, float32: rel 1e-6), and the
+    step-watch is gone from the trainer after training."""
+    trainer = make_trainer(tmp_path, max_steps=100, max_grad_norm=1e-3, lr_scheduler_type="constant")
+    clipped = ClippedNorms(trainer)
+    guard = SpikeGuardCallback(trainer, window=16, min_history=3, action="skip_and_cut")
+    trainer.add_callback(clipped)
+    trainer.add_callback(guard)
+    trainer.train()
+    assert (guard.skipped_steps, guard.lr_cuts, guard.nonfinite_steps) == (0, 0, 0)
+    assert clipped.norms == pytest.approx([1e-3] * 100, rel=1e-4)  # clip_grad_norm_'s 1e-6 term: 1e-6 / norm
+    logged = [log["grad_norm"] for log in trainer.state.log_history if "grad_norm" in log]
+    assert len(logged) == 100 and min(logged) > 0.1
+    assert list(guard.grad_detector.values) == pytest.approx(logged[-16:], rel=1e-6)
+    assert "training_step" not in vars(trainer) and "clip_grad_norm_" not in vars(trainer.accelerator)
+
+
+class AddNaN:
+    """A forward hook adding NaN to the ``at``-th training loss: the loss is NaN, its gradients stay finite."""
+
+    def __init__(self, model, at: int, when=True):
+        self.count, self.at, self.when = 0, at, when
+        self.handle = model.register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        if module.training:
+            self.count += 1
+            if self.count == self.at and self.when:
+                output["loss"] = output["loss"] + float("nan")
+        return output
+
+
+def test_nan_loss_is_seen_with_the_logging_nan_inf_filter(tmp_path):
+    """``logging_nan_inf_filter=True`` (the default) makes the Trainer accumulate the mean of earlier losses (0 right
+    after a log) instead of a NaN one. The guard still sees the NaN, even with finite gradients, skips that step
+    alone, and no substituted value enters the loss window: it holds the other steps' logged losses."""
+    model = tiny_llama(seed=0)
+    trainer = make_trainer(tmp_path, model=model, weight_decay=0.1, logging_nan_inf_filter=True)
+    AddNaN(model, at=5)
+    snapshot = Snapshot(trainer, step=5)
+    guard = SpikeGuardCallback(trainer, window=16, min_history=3)
+    trainer.add_callback(snapshot)
+    trainer.add_callback(guard)
+    trainer.train()
+    assert (guard.skipped_steps, guard.nonfinite_steps) == (1, 1) and guard.events[0]["loss"] == "nan"
+    assert_same_state(snapshot.before, snapshot.after, ignore_lr=True)
+    losses = {log["step"]: log["loss"] for log in trainer.state.log_history if "loss" in log}
+    assert losses[5] == 0.0  # what the filter put in the Trainer's accumulator
+    healthy = [loss for step, loss in sorted(losses.items()) if step != 5]
+    assert list(guard.loss_detector.values) == pytest.approx(healthy, rel=1e-6)  # float32 losses read back
+    assert len(guard.grad_detector.values) == 11  # the NaN step's (finite) grad norm stayed out too
+
+
+def ddp_worker(output_dir: str) -> None:
+    """Rank 1 alone has a NaN loss at step 4 (finite gradients): both ranks must skip that step."""
+    import json
+    import os
+
+    torch.set_num_threads(1)
+    trainer = make_trainer(pathlib.Path(output_dir), model=tiny_llama(seed=0), max_steps=8, ddp_backend="gloo")
+    AddNaN(trainer.model, at=4, when=trainer.args.process_index == 1)
+    guard = SpikeGuardCallback(trainer, window=16, min_history=3)
+    trainer.add_callback(guard)
+    trainer.train()
+    record = {
+        "world_size": trainer.args.world_size,
+        "skipped": guard.skipped_steps,
+        "nonfinite": guard.nonfinite_steps,
+        "loss_window": list(guard.loss_detector.values),
+        "losses": {log["step"]: log["loss"] for log in trainer.state.log_history if "loss" in log},
+    }
+    with open(os.path.join(output_dir, f"rank{trainer.args.process_index}.json"), "w") as file:
+        json.dump(record, file)
+
+
+@pytest.mark.distributed
+def test_nan_loss_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    """2-process DDP with the NaN filter on: the Trainer would average rank 1's substituted 0 with rank 0's loss;
+    the guard averages the raw losses (NaN), so both ranks skip step 4 and keep the same 7-step loss window."""
+    from conftest import run_torchrun  # here, not at the top: this file is also the torchrun worker
+
+    ranks = run_torchrun(__file__, tmp_path)
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [(r["skipped"], r["nonfinite"]) for r in ranks] == [(1, 1), (1, 1)]
+    assert ranks[0]["loss_window"] == ranks[1]["loss_window"] and len(ranks[0]["loss_window"]) == 7
+    assert math.isfinite(ranks[0]["losses"]["4"])  # the Trainer's own log hides the NaN
 
 
 def test_unguarded_nan_step_would_corrupt(tmp_path):
@@ -404,3 +612,9 @@ def test_plateau_policy_switch_survives_resume(tmp_path):
     resumed = run(save_steps=100, resume=str(tmp_path / "out" / "checkpoint-8"))
     # The switch happened at step 6, before the checkpoint: the resumed run continues STEP from its own clock.
     assert resumed == pytest.approx([5e-4, 5e-4, 2.5e-4, 2.5e-4], rel=1e-9)
+
+
+if __name__ == "__main__":  # the DDP worker (see test_nan_loss_on_one_rank_is_skipped_on_every_rank)
+    import sys
+
+    ddp_worker(sys.argv[1])

@@ -271,7 +271,9 @@ class NoiseScaleCallback(TrainerCallback):
             weight = torch.tensor([float(self._small_weight)], dtype=torch.float64, device=trainer.args.device)
             weight = trainer.accelerator.reduce(weight, reduction="mean")
             big = trainer.step_grad_sq_norm(self._params())
-            sq_small = float(small) / float(weight) ** 2
+            weight = float(weight)
+            # a weight of 0 (no label token in any rank's first chunk): a non-finite reading, skipped below
+            sq_small = float(small) / weight**2 if weight > 0 else math.inf
             sq_big = float(big)
             small_samples *= world_size
         else:

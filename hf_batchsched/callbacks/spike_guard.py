@@ -12,19 +12,24 @@ gradient entirely: no weight decay, no moment update, no step count, so weights 
 skipped step equal those before it. (Zeroing the gradients would not do: AdamW's decay and moment updates would
 still move the weights.) The LR schedule and the data position still advance: a skipped batch is consumed.
 
-Where the numbers come from: the step's loss is the increase of the Trainer's running training-loss accumulator
-(the value it logs as ``loss``) between ``on_step_begin`` and ``on_pre_optimizer_step``, so it is the loss of
-exactly the batch about to be applied, summed over accumulation chunks (the step mean). transformers 5.x has no
-public way to get it before the update: callback events receive no loss, ``on_log`` only sees the average over a
-logging interval, after the update, and a forward hook on the model misses losses the Trainer computes itself
-(``label_smoothing_factor``, a custom ``compute_loss``, ``trl`` trainers). So the guard reads the private
-``Trainer._tr_loss`` (a device tensor, one host sync per step) and fails with a ``ConfigError`` naming the
-transformers version at ``on_train_begin`` if a future version drops it; the gradient norm is
-computed over the optimizer's parameters at ``on_pre_optimizer_step``. With ``max_grad_norm > 0`` this is the
-*clipped* norm: clipping already bounds large spikes, the z-test then sees jumps below the clip, and the loss test
-and the non-finite check are unaffected. Under DDP every rank takes the same decision (loss averaged, non-finite
-flag and grad norm maxed over ranks). With fp16 mixed precision the GradScaler owns Inf/NaN gradients (it skips
-those steps and lowers its scale), so the guard leaves non-finite gradients to it and only acts on z-scores.
+Where the numbers come from: the step's loss is the sum of what ``training_step`` returned during the step (the
+value the Trainer accumulates and logs as ``loss``: the step mean, over accumulation chunks), taken before the
+Trainer's ``logging_nan_inf_filter`` replaces a NaN/Inf one by the mean of earlier steps, so a non-finite loss is
+seen as such with the filter on (the default) and under DDP (losses averaged over ranks: one NaN rank makes the mean
+NaN). The gradient norm is the one the Trainer computes *before* clipping to ``max_grad_norm`` (the value it logs
+as ``grad_norm``): clipped norms of healthy steps are all equal to ``max_grad_norm`` and would hide every spike. Both
+come from :class:`hf_batchsched.trainer.StepWatch`, which wraps ``trainer.training_step`` and
+``trainer.accelerator.clip_grad_norm_`` on this trainer instance from ``on_train_begin`` to ``on_train_end``
+(callback events carry neither value). A Trainer that clips by another path (mixed device meshes) leaves no
+pre-clipping norm; the guard then tests the norm of the (clipped) gradients and says so once in the log. Under DDP
+every rank takes the same decision (loss averaged, non-finite flag and grad norm maxed over ranks). With fp16 mixed
+precision the GradScaler owns Inf/NaN gradients (it skips those steps and lowers its scale), so the guard leaves
+non-finite gradients to it and only acts on z-scores.
+
+Only healthy steps enter the windows: the values of a step with an event (a spike of either value, or a non-finite
+one) are left out, so neither a skipped step nor a substituted loss shifts what "normal" means. The z-score's spread
+is floored at 1% of the window's mean (see ``SpikeDetector``), so a window of equal values (e.g. every step at the
+clip) cannot turn rounding into a spike.
 
 The decision logic is ``SpikeDetector`` (defined in ``hf_batchsched.probes.stability``, re-exported here), a pure
 rolling-window z-score usable without a Trainer.
@@ -42,6 +47,7 @@ Metrics (through ``trainer.log``; with every training log and at every step with
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -57,6 +63,8 @@ from .plateau import _check_scheduler_honours_scale, _cut_learning_rates
 __all__ = ["ACTIONS", "LossSpikeGuard", "SpikeDetector", "SpikeGuardCallback", "gradient_norm", "skip_update"]
 
 ACTIONS = ("skip", "cut_lr", "skip_and_cut")
+
+logger = logging.getLogger(__name__)
 
 
 def _optimizer_params(optimizer) -> list[torch.nn.Parameter]:
@@ -83,26 +91,6 @@ def skip_update(optimizer) -> None:
     """
     for p in _optimizer_params(optimizer):
         p.grad = None
-
-
-def _running_train_loss(trainer) -> float:
-    """The Trainer's running training-loss accumulator (private ``Trainer._tr_loss``, reset at every logging step).
-
-    Private, but the only per-step loss a callback can read before the update (see the module docstring); its
-    presence is checked once per ``train()`` by :func:`_check_running_train_loss`.
-    """
-    return float(trainer._tr_loss)
-
-
-def _check_running_train_loss(trainer) -> None:
-    if not isinstance(getattr(trainer, "_tr_loss", None), torch.Tensor):
-        import transformers
-
-        raise ConfigError(
-            f"SpikeGuardCallback reads the step loss from Trainer._tr_loss, which {type(trainer).__name__} under "
-            f"transformers {transformers.__version__} does not have (tested with 5.x). Use a transformers version "
-            "that has it, or report the missing attribute to hf-batchsched"
-        )
 
 
 class SpikeGuardCallback(TrainerCallback):
@@ -161,7 +149,8 @@ class SpikeGuardCallback(TrainerCallback):
         self.last_zscore = 0.0
         self.last_grad_zscore = 0.0
         self.events: list[dict] = []
-        self._loss_at_step_begin = 0.0
+        self._watch = None
+        self._warned_clipped_norm = False
         self._event_this_step = False
 
     # ---- state ----------------------------------------------------------------------------------
@@ -187,47 +176,81 @@ class SpikeGuardCallback(TrainerCallback):
 
     # ---- events ---------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
-        _check_running_train_loss(self.trainer)
+        from ..trainer import StepWatch  # trainer.py imports this package
+
         saved = load_callback_state(state, self.STATE_KEY)
         if saved is not None:
             self.load_state_dict(saved)
         if self.action != "skip":
             _check_scheduler_honours_scale(self.trainer.lr_scheduler)
+        self._remove_watch()  # a train() that raised did not reach on_train_end
+        self._watch = StepWatch(self.trainer)
         save_callback_state(state, self.STATE_KEY, self.state_dict())
 
+    def on_train_end(self, args, state, control, **kwargs):
+        self._remove_watch()
+
+    def _remove_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.remove()
+            self._watch = None
+
     def on_step_begin(self, args, state, control, **kwargs):
-        self._loss_at_step_begin = _running_train_loss(self.trainer)
+        self._watch.reset()
         self._event_this_step = False
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        # With logging_nan_inf_filter=False one NaN leaves the accumulator NaN until it is reset: the loss of later
-        # steps is then unknown (not tested, not added to the window); their gradients are still checked.
-        before = self._loss_at_step_begin
-        loss_unknown = not math.isfinite(before)
-        loss = 0.0 if loss_unknown else _running_train_loss(trainer) - before
-        grad_norm = gradient_norm(_optimizer_params(trainer.optimizer))
+    def _step_values(self) -> tuple[float, float, bool, bool]:
+        """``(loss, grad_norm, grad_nonfinite, loss_unknown)`` of this step, the same on every rank."""
+        trainer, watch = self.trainer, self._watch
+        loss_unknown = watch.loss is None
+        loss = 0.0 if loss_unknown else watch.loss
+        grad_norm = watch.grad_norm
+        if grad_norm is None:  # no clip ran: max_grad_norm <= 0 (the gradients are as computed) or another path
+            if trainer.args.max_grad_norm > 0 and not self._warned_clipped_norm:
+                self._warned_clipped_norm = True
+                logger.warning(
+                    "SpikeGuardCallback: the Trainer clipped the gradients without accelerator.clip_grad_norm_, so "
+                    "the guard tests the clipped gradient norm (spikes above max_grad_norm are not seen)"
+                )
+            grad_norm = gradient_norm(_optimizer_params(trainer.optimizer))
         grad_nonfinite = not math.isfinite(grad_norm)
-        values = torch.tensor([loss, 0.0 if grad_nonfinite else grad_norm, float(grad_nonfinite), float(loss_unknown)])
+        values = torch.stack(
+            [
+                torch.as_tensor(loss, dtype=torch.float32).reshape(()).cpu(),
+                torch.tensor(0.0 if grad_nonfinite else grad_norm),
+                torch.tensor(float(grad_nonfinite)),
+                torch.tensor(float(loss_unknown)),
+            ]
+        )
         if trainer.accelerator.num_processes > 1:  # every rank takes the same decision
             values = values.to(trainer.args.device)
             loss_sum = trainer.accelerator.reduce(values[:1].clone(), reduction="sum")
             maxed = trainer.accelerator.reduce(values[1:].clone(), reduction="max")
             values = torch.cat([loss_sum / trainer.accelerator.num_processes, maxed]).cpu()
-        loss, grad_norm = float(values[0]), float(values[1])
-        grad_nonfinite, loss_unknown = bool(values[2]), bool(values[3])
+        return float(values[0]), float(values[1]), bool(values[2]), bool(values[3])
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        loss, grad_norm, grad_nonfinite, loss_unknown = self._step_values()
         if grad_nonfinite and getattr(trainer.accelerator, "scaler", None) is not None:
             return  # fp16: the GradScaler skips this step and lowers its scale
 
-        loss_spike = grad_spike = False
-        if not loss_unknown:
-            loss_spike, self.last_zscore = self.loss_detector.observe(loss)
+        loss_spike, loss_z = (False, self.last_zscore) if loss_unknown else self.loss_detector.check(loss)
+        grad_spike, grad_z = (False, 0.0)
         if self.check_grad_norm and not grad_nonfinite:
-            grad_spike, self.last_grad_zscore = self.grad_detector.observe(grad_norm)
+            grad_spike, grad_z = self.grad_detector.check(grad_norm)
         if grad_nonfinite:
-            grad_norm, self.last_grad_zscore = math.inf, math.inf
+            grad_norm, grad_z = math.inf, math.inf
         nonfinite = (not loss_unknown and not math.isfinite(loss)) or grad_nonfinite
-        if not (loss_spike or grad_spike or nonfinite):
+        event = loss_spike or grad_spike or nonfinite
+        # Only a healthy step's values enter the windows; a spike is counted by the detector that saw it.
+        if not loss_unknown:
+            self.loss_detector.record(loss, loss_spike, loss_z, keep=not event)
+            self.last_zscore = loss_z
+        if self.check_grad_norm:
+            self.grad_detector.record(grad_norm, grad_spike, grad_z, keep=not event)
+            self.last_grad_zscore = grad_z
+        if not event:
             return
         skip = nonfinite or self.action in ("skip", "skip_and_cut")
         cut = not nonfinite and self.action in ("cut_lr", "skip_and_cut")

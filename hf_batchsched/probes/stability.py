@@ -359,11 +359,23 @@ class SpikeDetector:
     spike (score ``inf``). Spikes are counted (``spikes``) and not added to the window, so one outlier does not widen
     it and hide the next. Below ``min_history`` values the score is ``0.0`` (z-score) or ``nan`` (ratio).
 
+    The spread is floored, ``max(std, rel_floor * |mean|, abs_floor)``, so that a window of (nearly) equal values
+    does not turn rounding into a spike: gradient norms clipped at ``max_grad_norm`` are all equal up to rounding
+    (std about 1e-7 of the mean), and a last-bit difference would otherwise score z = 7. The floor of 1% of the
+    mean is above the rounding of any training dtype (one bf16 step is at most 2**-7 = 0.78% of a value, so
+    rounding scores z <= 0.78 < sigma) and below the step-to-step spread of a real training loss or gradient norm
+    (several % of the mean), where it changes nothing. On a flat window a spike then needs a rise above
+    ``sigma`` % of the mean (6% by default); the divergences a guard is for are 2x to 100x. ``abs_floor`` only
+    keeps the division finite when the whole window is at zero.
+
     Args:
         window (`int`, *optional*, defaults to `128`): accepted values kept.
         sigma (`float`, *optional*, defaults to `6.0`): score above which a value is a spike.
         min_history (`int`, *optional*, defaults to `20`): values needed before a score is computed.
         min_delta (`float`, *optional*, defaults to `0.0`): smallest absolute rise above the reference that counts.
+        rel_floor (`float`, *optional*, defaults to `0.01`): floor of the spread relative to ``|mean|``, in [0, 1).
+        abs_floor (`float`, *optional*, defaults to `1e-6`): absolute floor of the spread (and of
+            :class:`LossSpikeDetector`'s reference), > 0.
 
     Example:
 
@@ -377,12 +389,25 @@ class SpikeDetector:
     #: score while fewer than ``min_history`` values are held
     undefined_score = 0.0
 
-    def __init__(self, window: int = 128, sigma: float = 6.0, min_history: int = 20, min_delta: float = 0.0):
+    def __init__(
+        self,
+        window: int = 128,
+        sigma: float = 6.0,
+        min_history: int = 20,
+        min_delta: float = 0.0,
+        rel_floor: float = 0.01,
+        abs_floor: float = 1e-6,
+    ):
         check_positive("window", window)
         check_positive("sigma", sigma)
         check_positive("min_history", min_history)
         if not min_delta >= 0:
             raise ConfigError(f"min_delta must be >= 0 (an absolute rise above the reference), got {min_delta}")
+        if not 0 <= rel_floor < 1:
+            raise ConfigError(f"rel_floor must be in [0, 1) (a fraction of the window's mean), got {rel_floor}")
+        if not 0 < abs_floor < math.inf:
+            raise ConfigError(f"abs_floor must be a finite number > 0, got {abs_floor}")
+        self.rel_floor, self.abs_floor = float(rel_floor), float(abs_floor)
         if min_history > window:
             raise ConfigError(
                 f"min_history ({min_history}) cannot exceed window ({window}); lower it or widen the window"
@@ -394,11 +419,11 @@ class SpikeDetector:
         self.last_score = self.undefined_score
 
     def reference_and_score(self, x: float) -> tuple[float, float]:
-        """``(mean, z-score of x)`` over the window (call with at least one value held)."""
+        """``(mean, z-score of x)`` over the window, the spread floored (call with at least one value held)."""
         n = len(self.values)
         mean = sum(self.values) / n
         std = math.sqrt(sum((v - mean) ** 2 for v in self.values) / n)
-        return mean, (x - mean) / max(std, 1e-12 * max(abs(mean), 1.0))
+        return mean, (x - mean) / max(std, self.rel_floor * abs(mean), self.abs_floor)
 
     def score(self, x: float) -> float:
         """The score of ``x`` against the current window, without recording it."""
@@ -410,21 +435,31 @@ class SpikeDetector:
         """Alias of :meth:`score` (the z-score for this class)."""
         return self.score(x)
 
-    def observe(self, x: float) -> tuple[bool, float]:
-        """Record ``x``; returns ``(is_spike, score)``."""
+    def check(self, x: float) -> tuple[bool, float]:
+        """``(is_spike, score)`` of ``x`` against the current window, recording nothing."""
         x = float(x)
         if not math.isfinite(x):
-            spike, score = True, math.inf
-        elif len(self.values) < self.min_history:
-            spike, score = False, self.undefined_score
-        else:
-            reference, score = self.reference_and_score(x)
-            spike = score > self.sigma and x - reference > self.min_delta
+            return True, math.inf
+        if len(self.values) < self.min_history:
+            return False, self.undefined_score
+        reference, score = self.reference_and_score(x)
+        return score > self.sigma and x - reference > self.min_delta, score
+
+    def record(self, x: float, spike: bool, score: float, keep: bool = True) -> None:
+        """Record a checked value: a spike is counted; another value enters the window if ``keep``.
+
+        (``keep=False``: a value that is not a spike itself but belongs to a step left out for another reason.)
+        """
         self.last_score = score
         if spike:
             self.spikes += 1
-        else:
-            self.values.append(x)
+        elif keep:
+            self.values.append(float(x))
+
+    def observe(self, x: float) -> tuple[bool, float]:
+        """Check and record ``x``; returns ``(is_spike, score)``."""
+        spike, score = self.check(x)
+        self.record(x, spike, score)
         return spike, score
 
     def update(self, x: float) -> bool:
@@ -446,9 +481,10 @@ class LossSpikeDetector(SpikeDetector):
 
     The reference is the window's upper decile, not its mean, because per-batch losses are heavy-tailed once a
     task is nearly solved (median 0.02 with batches at 0.3 is noise, not divergence). The jump must also exceed
-    the reference by ``min_delta`` in absolute terms. Assumes a positive loss (cross-entropy); the ratio is
-    ``nan`` (no spike) while the reference is not positive. Bjorck et al. call a step divergent when the loss
-    grows 1000x in one step; ``threshold=3`` catches the onset long before that.
+    the reference by ``min_delta`` in absolute terms. Assumes a non-negative loss (cross-entropy); the ratio is
+    ``nan`` (no spike) while the reference is negative, and the reference is floored at ``abs_floor`` (1e-6).
+    Bjorck et al. call a step divergent when the loss grows 1000x in one step; ``threshold=3`` catches the onset
+    long before that.
 
     Args:
         window (`int`, *optional*, defaults to `50`): losses kept for the reference percentile.
@@ -473,9 +509,13 @@ class LossSpikeDetector(SpikeDetector):
         super().__init__(window=window, sigma=threshold, min_history=min_history, min_delta=min_delta)
 
     def reference_and_score(self, x: float) -> tuple[float, float]:
-        """``(90th percentile of the window, x / it)``; the ratio is ``nan`` when the percentile is not positive."""
+        """``(90th percentile of the window, x / max(it, abs_floor))``; ``nan`` when the percentile is negative.
+
+        The floor keeps a window of losses at zero up to rounding (a memorised batch: float32 cross-entropies of
+        0 to 1e-7) from scoring rounding as a spike when ``min_delta`` is 0.
+        """
         reference = sorted(self.values)[int(0.9 * (len(self.values) - 1))]
-        return reference, (x / reference if reference > 0 else math.nan)
+        return reference, (x / max(reference, self.abs_floor) if reference >= 0 else math.nan)
 
     @property
     def threshold(self) -> float:
