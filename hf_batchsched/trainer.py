@@ -311,7 +311,7 @@ def full_parameters(trainer):
 
 
 class StepWatch:
-    """The current optimizer step's training loss and pre-clipping gradient norm, for callbacks acting before the update.
+    """The current optimizer step's training loss and pre-clipping gradient norm, for callbacks acting before it.
 
     Callback events carry neither: at ``on_pre_optimizer_step`` the gradients are already clipped to
     ``max_grad_norm``, and the Trainer's running loss (``Trainer._tr_loss``) has a NaN step replaced by the mean of
