@@ -490,6 +490,44 @@ def test_chunk_weight_is_exact_for_token_normalised_loss_under_ddp(tmp_path):
     check_token_normalised(ranks)
 
 
+def test_noise_scale_callback_skips_a_zero_reduced_chunk_weight():
+    """Under ZeRO-3/FSDP2 the first-chunk loss weight is averaged over ranks and divided out; a first chunk with no
+    label token on every rank has weight 0. The step is skipped as a non-finite reading (as on the DDP path), not a
+    ZeroDivisionError mid-training."""
+    from types import SimpleNamespace
+
+    from hf_batchsched.callbacks import NoiseScaleCallback
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    param.grad = torch.tensor([3.0, 4.0])
+    accelerator = SimpleNamespace(num_processes=1, reduce=lambda tensor, reduction: tensor, scaler=None)
+    trainer = SimpleNamespace(
+        args=SimpleNamespace(world_size=1, device=torch.device("cpu")),
+        state=SimpleNamespace(global_step=0),
+        accelerator=accelerator,
+        max_micro_batch_size=2,
+        batch_schedule=8,
+        sharding_engine="zero3",
+        reduces_every_chunk=True,
+        current_chunk_loss_weight=0.0,
+        model=torch.nn.Module(),
+        accumulated_grad_sq_norm=lambda params: torch.tensor(25.0),
+        step_grad_sq_norm=lambda params: torch.tensor(25.0),
+        add_step_hook=lambda hook: None,
+    )
+    trainer.args.fp16 = False
+    callback = NoiseScaleCallback(trainer)
+    callback._attached = True
+    callback.on_micro_chunk_end(trainer, chunk_index=0, num_chunks=4, chunk_num_samples=2)
+    callback.on_step_batch_end(trainer, step_num_samples=8)
+    assert callback.skipped_steps == 1 and callback.estimator.num_updates == 0
+    trainer.current_chunk_loss_weight = 0.25  # a weighted chunk is measured: |G_Bs|² = 25 / 0.25²
+    callback.on_micro_chunk_end(trainer, chunk_index=0, num_chunks=4, chunk_num_samples=2)
+    callback.on_step_batch_end(trainer, step_num_samples=8)
+    assert callback.estimator.num_updates == 1
+    assert callback.estimator.trace_sigma == pytest.approx((400.0 - 25.0) / (1 / 2 - 1 / 8))
+
+
 if __name__ == "__main__":  # the DDP worker (see test_chunk_weight_is_exact_for_token_normalised_loss_under_ddp)
     import json
     import sys

@@ -228,19 +228,23 @@ def test_one_spike_detector_implementation():
 
 
 def test_spike_detector_flat_window_of_clipped_norms_has_no_spike():
-    """Every gradient clipped at max_grad_norm=1.0: the norms are 1.0 up to rounding, the window's std ~1e-7, and
-    without a floor on the spread a last-bit difference scores z ~ 7. 500 such steps, at float32 rounding (a few
-    ulps, 2**-23) and at bf16 rounding (a bf16 norm: 1.0 or one step either side, 2**-7), give no spike with the
-    guard's defaults; a real rise of 10% above the flat window still is one."""
+    """Every gradient clipped at max_grad_norm=1.0: the norms are 1.0 up to rounding. When most are bit-identical
+    and a few differ in the last bit (float32, 2**-23), the window's std is ~1e-7 and, without a floor on the
+    spread, every such difference scores z of 7 or more (1e5 while the window is all equal). 500 such steps, and 500
+    with a few ulps of noise on every step, and 500 bf16 norms (1.0 or one bf16 step either side, 2**-7), give no
+    spike with the guard's defaults; a real rise of 10% above the flat window still is one."""
     generator = torch.Generator().manual_seed(0)
-    for ulp, steps in ((2.0**-23, 3), (2.0**-7, 1)):
+    rare_last_bit = (torch.rand(500, generator=generator) < 0.02).double() * 2.0**-23
+    few_ulps = torch.randint(-3, 4, (500,), generator=generator).double() * 2.0**-23
+    bf16_steps = torch.randint(-1, 2, (500,), generator=generator).double() * 2.0**-7
+    assert int((rare_last_bit > 0).sum()) >= 5
+    for noise in (rare_last_bit, few_ulps, bf16_steps):
         detector = SpikeDetector()  # the guard's defaults: window 128, sigma 6, min_history 20
-        noise = torch.randint(-steps, steps + 1, (500,), generator=generator).double() * ulp
-        assert [detector.observe(v)[0] for v in (1.0 + noise).tolist()] == [False] * 500, ulp
+        assert [detector.observe(v)[0] for v in (1.0 + noise).tolist()] == [False] * 500
         window = torch.tensor(list(detector.values), dtype=torch.float64)
         mean, std = window.mean().item(), window.std(unbiased=False).item()
         assert std < 0.01 * mean  # a degenerate window: the floor (1% of the mean) is the spread used
-        top = 1.0 + steps * ulp
+        top = 1.0 + float(noise.max())
         assert detector.score(top) == pytest.approx((top - mean) / (0.01 * mean), rel=1e-9) and detector.score(top) < 1
         assert detector.observe(1.1) == (True, pytest.approx((1.1 - mean) / (0.01 * mean), rel=1e-9))  # z ~ 10 > 6
     zeros = SpikeDetector(min_history=3)
@@ -249,57 +253,6 @@ def test_spike_detector_flat_window_of_clipped_norms_has_no_spike():
         SpikeDetector(rel_floor=1.0)
     with pytest.raises(ConfigError, match="abs_floor"):
         SpikeDetector(abs_floor=0.0)
-
-
-def test_loss_ratio_detector_ignores_rounding_near_zero_loss():
-    """The stability monitor's ratio to the window's 90th percentile, with ``min_delta=0``: a memorised batch has
-    float32 losses of 0 to a few 1e-8, so consecutive ratios of 3x and more are rounding, not divergence. The
-    reference is floored at abs_floor (1e-6); a real jump is still caught."""
-    from hf_batchsched.probes.stability import LossSpikeDetector
-
-    detector = LossSpikeDetector(window=50, threshold=3.0, min_history=5, min_delta=0.0)
-    generator = torch.Generator().manual_seed(0)
-    losses = (torch.randint(0, 4, (200,), generator=generator).double() * 6e-8).tolist()
-    assert sum(detector.update(loss) for loss in losses) == 0
-    assert detector.update(0.5) and detector.spikes == 1
-
-
-def test_noise_scale_callback_skips_a_zero_reduced_chunk_weight():
-    """Under ZeRO-3/FSDP2 the first-chunk loss weight is averaged over ranks and divided out; a first chunk with no
-    label token on every rank has weight 0. The step is skipped as a non-finite reading (as on the DDP path), not a
-    ZeroDivisionError mid-training."""
-    from types import SimpleNamespace
-
-    from hf_batchsched.callbacks import NoiseScaleCallback
-
-    param = torch.nn.Parameter(torch.zeros(2))
-    param.grad = torch.tensor([3.0, 4.0])
-    accelerator = SimpleNamespace(num_processes=1, reduce=lambda tensor, reduction: tensor, scaler=None)
-    trainer = SimpleNamespace(
-        args=SimpleNamespace(world_size=1, device=torch.device("cpu")),
-        state=SimpleNamespace(global_step=0),
-        accelerator=accelerator,
-        max_micro_batch_size=2,
-        batch_schedule=8,
-        sharding_engine="zero3",
-        reduces_every_chunk=True,
-        current_chunk_loss_weight=0.0,
-        model=torch.nn.Module(),
-        accumulated_grad_sq_norm=lambda params: torch.tensor(25.0),
-        step_grad_sq_norm=lambda params: torch.tensor(25.0),
-        add_step_hook=lambda hook: None,
-    )
-    trainer.args.fp16 = False
-    callback = NoiseScaleCallback(trainer)
-    callback._attached = True
-    callback.on_micro_chunk_end(trainer, chunk_index=0, num_chunks=4, chunk_num_samples=2)
-    callback.on_step_batch_end(trainer, step_num_samples=8)
-    assert callback.skipped_steps == 1 and callback.estimator.num_updates == 0
-    trainer.current_chunk_loss_weight = 0.25  # a weighted chunk is measured: |G_Bs|² = 25 / 0.25²
-    callback.on_micro_chunk_end(trainer, chunk_index=0, num_chunks=4, chunk_num_samples=2)
-    callback.on_step_batch_end(trainer, step_num_samples=8)
-    assert callback.estimator.num_updates == 1
-    assert callback.estimator.trace_sigma == pytest.approx((400.0 - 25.0) / (1 / 2 - 1 / 8))
 
 
 def test_plateau_tracker_is_not_fooled_by_rounding_of_a_flat_metric():

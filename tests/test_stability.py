@@ -307,3 +307,16 @@ def test_loss_spike_detector_reads_state_saved_under_its_former_keys():
     detector.load_state_dict({"history": [1.0, 2.0, 3.0, 4.0], "spikes": 1, "last_ratio": 0.5})
     assert detector.history == [2.0, 3.0, 4.0] and detector.spikes == 1 and detector.last_ratio == 0.5
     assert detector.state_dict() == {"values": [2.0, 3.0, 4.0], "spikes": 1, "last_score": 0.5}
+
+
+def test_loss_ratio_detector_ignores_rounding_near_zero_loss():
+    """The stability monitor's ratio to the window's 90th percentile, with ``min_delta=0``: a memorised batch has
+    float32 losses of 0 to a few 1e-8, so consecutive ratios of 3x and more are rounding, not divergence. The
+    reference is floored at abs_floor (1e-6); a real jump is still caught."""
+    from hf_batchsched.probes.stability import LossSpikeDetector
+
+    detector = LossSpikeDetector(window=50, threshold=3.0, min_history=5, min_delta=0.0)
+    generator = torch.Generator().manual_seed(0)
+    losses = (torch.randint(0, 4, (200,), generator=generator).double() * 6e-8).tolist()
+    assert sum(detector.update(loss) for loss in losses) == 0
+    assert detector.update(0.5) and detector.spikes == 1
