@@ -24,7 +24,7 @@ def make_args(tmp_path, **overrides) -> TrainingArguments:
 
 def make_trainer(tmp_path, trainer_cls=Trainer, model=None, **overrides):
     extra = {}
-    for key in ("lr_policy", "compute_metrics", "optimizers"):
+    for key in ("lr_policy", "compute_metrics", "optimizers", "max_micro_batch_size"):
         if key in overrides:
             extra[key] = overrides.pop(key)
     args = make_args(tmp_path, **overrides)
@@ -396,6 +396,22 @@ def test_every_step_clipped_gives_no_skip_and_the_guard_tests_the_pre_clip_norm(
     assert len(logged) == 100 and min(logged) > 0.1
     assert list(guard.grad_detector.values) == pytest.approx(logged[-16:], rel=1e-6)
     assert "training_step" not in vars(trainer) and "clip_grad_norm_" not in vars(trainer.accelerator)
+
+
+def test_guard_reads_chunked_steps_of_a_batch_ramp_trainer(tmp_path):
+    """BatchRampTrainer runs each step as micro-chunks inside one training_step: the guard's windows hold exactly the
+    Trainer's logged step losses and pre-clipping gradient norms (float32 read back: rel 1e-6)."""
+    trainer = make_trainer(
+        tmp_path, trainer_cls=BatchRampTrainer, max_steps=10, max_grad_norm=1e-3, max_micro_batch_size=2
+    )  # steps of 4 samples in 2 chunks
+    guard = SpikeGuardCallback(trainer, window=16, min_history=3)
+    trainer.add_callback(guard)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log and "grad_norm" in log]
+    assert len(logs) == 10 and all(log["batchsched/micro_chunks"] == 2 for log in logs)
+    assert list(guard.loss_detector.values) == pytest.approx([log["loss"] for log in logs], rel=1e-6)
+    assert list(guard.grad_detector.values) == pytest.approx([log["grad_norm"] for log in logs], rel=1e-6)
+    assert guard.skipped_steps == 0
 
 
 class AddNaN:
