@@ -37,6 +37,7 @@ _EXPORTS = {
     "PlateauCallback": "callbacks.plateau",
     "SpikeGuardCallback": "callbacks.spike_guard",
     "LRMonitorCallback": "callbacks.lr_monitor",
+    "bind_callbacks": "callbacks",
     # errors
     "ConfigError": "errors",
 }
@@ -58,12 +59,14 @@ __all__ = [
     "StabilityMonitorCallback",
     "TrainingClock",
     "__version__",
+    "bind_callbacks",
     "equivalent_to_lr",
     "make_batch_schedule",
     "make_lr_policy",
 ]
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real objects
+    from .callbacks import bind_callbacks
     from .callbacks.batchnorm import BNRecalibrationCallback, FreezeBNCallback
     from .callbacks.lr_monitor import LRMonitorCallback
     from .callbacks.noise_scale import NoiseScaleCallback

@@ -101,6 +101,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, seed_worker
 
+from .callbacks._binding import bind_callbacks
 from .callbacks._state import save_callback_state
 from .checkpoint import (
     PLAN_KEYS,
@@ -123,7 +124,15 @@ from .errors import ConfigError, check_choice, check_positive
 from .schedules.base import Policy
 from .schedules.noise import sgd_noise
 
-__all__ = ["BatchRampMixin", "BatchRampTrainer", "FSDP_ON_CPU_ENV", "RAMP_STATE_KEY", "StepWatch", "full_parameters"]
+__all__ = [
+    "BatchRampMixin",
+    "BatchRampTrainer",
+    "FSDP_ON_CPU_ENV",
+    "RAMP_STATE_KEY",
+    "StepWatch",
+    "bind_callbacks",
+    "full_parameters",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -373,12 +382,45 @@ class StepWatch:
         self._patched = []
 
 
+def _copy_training_arguments(targs):
+    """A copy of the user's ``TrainingArguments`` for the trainer to change (its dict/list fields copied too)."""
+    copied = copy.copy(targs)
+    for field in dataclasses.fields(targs):
+        value = getattr(targs, field.name, None)
+        if isinstance(value, (dict, list, set)):
+            setattr(copied, field.name, copy.deepcopy(value))
+    return copied
+
+
+def _scheduler_settings_replaced_by_policy(targs) -> list[str]:
+    """The ``lr_scheduler_type``/``warmup_*``/``lr_scheduler_kwargs`` the user set away from their defaults."""
+    defaults = {field.name: field.default for field in dataclasses.fields(type(targs))}
+    changed = []
+    for name in ("lr_scheduler_type", "warmup_steps", "warmup_ratio", "lr_scheduler_kwargs"):
+        if name not in defaults:
+            continue
+        value, default = getattr(targs, name), defaults[name]
+        value = getattr(value, "value", value)
+        if name == "lr_scheduler_kwargs":
+            if value:
+                changed.append(f"{name}={value!r}")
+        elif value != getattr(default, "value", default):
+            changed.append(f"{name}={value!r}")
+    return changed
+
+
 class _RampCallback(TrainerCallback):
     """Keeps ``state.epoch`` in data passes, fires epoch strategies at pass boundaries, records each step's size."""
 
     def __init__(self, trainer: BatchRampMixin):
         self.trainer = trainer
         self._epoch_flags_at: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # The Trainer runs the whole ramp as one epoch of the first batch size; trainer_state.json gets the real
+        # figures: passes over the data, and the most sequences one forward sees per rank.
+        state.num_train_epochs = round(self.trainer.ramp_passes, 6)
+        state.train_batch_size = self.trainer.max_micro_batch_size
 
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
@@ -462,6 +504,12 @@ class BatchRampMixin:
         **kwargs,
     ):
         check_choice("fsdp_gradient_sync", fsdp_gradient_sync, FSDP_GRADIENT_SYNC)
+        # The trainer changes its TrainingArguments (gradient_accumulation_steps, ignore_data_skip): work on a copy
+        # so the caller's object stays as it was.
+        if kwargs.get("args") is not None:
+            kwargs["args"] = _copy_training_arguments(kwargs["args"])
+        elif len(args) > 1 and args[1] is not None:
+            args = (args[0], _copy_training_arguments(args[1]), *args[2:])
         if _env_flag(FSDP_ON_CPU_ENV):
             _enable_fsdp_on_cpu(kwargs.get("args", args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
@@ -498,6 +546,13 @@ class BatchRampMixin:
 
             lr_policy = lr_policy_from_config(lr_policy)
         self.lr_policy = lr_policy
+        replaced = _scheduler_settings_replaced_by_policy(targs) if lr_policy is not None else []
+        if replaced:
+            raise ConfigError(
+                f"lr_policy sets the learning rate of every step, so {', '.join(replaced)} would be ignored: remove "
+                "them from the TrainingArguments (a warmup goes into the policy: {'name': 'warmup', 'warmup': ..., "
+                "'policy': ...}) or drop lr_policy"
+            )
         if lr_policy is not None and self.sharding_engine in ("zero1", "zero2", "zero3"):
             if "scheduler" in self.accelerator.state.deepspeed_plugin.deepspeed_config:
                 raise ConfigError(
@@ -532,6 +587,8 @@ class BatchRampMixin:
             )
         self.allow_schedule_change_on_resume = allow_schedule_change_on_resume
         self.clock = TrainingClock()
+        self.ramp_passes = 0.0  # passes over the data the planned run makes (set when train() plans it)
+        self._samples_at_train_start = 0
         self.last_batch_size: int | None = None
         self.last_micro_chunks: int | None = None
         self._batch_size_history: list[list[int]] = []  # [[global batch size, steps], ...] of this run so far
@@ -545,6 +602,15 @@ class BatchRampMixin:
         self._ramp_sampler: RampBatchSampler | None = None
         self._ramp_callback = _RampCallback(self)
         self.add_callback(self._ramp_callback)
+        # Callbacks given as callbacks=[XCallback()] (or the class) get this trainer; add_callback binds later ones.
+        self._binds_callbacks = True
+        bind_callbacks(self)
+
+    def add_callback(self, callback) -> None:
+        """``Trainer.add_callback``; an ``hf_batchsched`` callback (class or instance) without a trainer gets bound."""
+        super().add_callback(callback)
+        if getattr(self, "_binds_callbacks", False):
+            bind_callbacks(self)
 
     # ---- public extras -------------------------------------------------------------------------
     def add_step_hook(self, hook) -> None:
@@ -604,6 +670,7 @@ class BatchRampMixin:
         self._resume_source = point.path if point is not None else None
         if point is not None:
             self.load_ramp_state_dict(point.ramp_state, source=point.state_file)
+        self._samples_at_train_start = self.clock.consumed_samples
         # The sampler resumes from the clock; the Trainer's own skip (global_step x GAS batches) must not run.
         ignore_data_skip = self.args.ignore_data_skip
         self.args.ignore_data_skip = True
@@ -705,14 +772,24 @@ class BatchRampMixin:
         self.clock.total_samples = sum(plan)
         if planner.lengths is not None:
             self.clock.total_tokens = planner.tokens_before(end_row)
-        logger.info(
-            "BatchRampTrainer: %d optimizer steps, %d samples (%.3g passes), global batch %d -> %d",
-            max_steps,
-            sum(plan),
-            end_row / planner.num_rows,
-            plan[0],
-            max(plan),
-        )
+        self.ramp_passes = end_row / planner.num_rows
+        if self.is_world_process_zero():
+            # At warning level, the one level shown by default: the Trainer's own (info) header counts the ramp as one
+            # epoch at its first batch size.
+            logger.warning(
+                "BatchRampTrainer: %d optimizer steps, %d samples (%.4g passes over %d rows), global batch %d -> %d "
+                "(smallest %d, largest %d), at most %d sequences per forward on each of %d rank(s)",
+                max_steps,
+                sum(plan),
+                self.ramp_passes,
+                planner.num_rows,
+                plan[0],
+                plan[-1],
+                min(plan),
+                max(plan),
+                self.max_micro_batch_size,
+                args.world_size,
+            )
         # num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples, total_train_batch_size,
         # steps_in_epoch, max_steps
         return 1, max_steps, planner.num_rows, sum(plan), plan[0], max_steps, max_steps
@@ -1121,6 +1198,13 @@ class BatchRampMixin:
             noise = self._sgd_noise(logs.get("learning_rate"))
             if noise is not None:
                 logs["batchsched/sgd_noise"] = noise
+        if "train_runtime" in logs and "train_samples_per_second" in logs:
+            # The Trainer's figure is its planned samples times the share of steps run (constant-size steps); the
+            # ramp's steps differ in size, so count the samples this train() call consumed.
+            samples = self.clock.consumed_samples - getattr(self, "_samples_at_train_start", 0)
+            logs["train_samples"] = samples
+            if logs["train_runtime"] > 0:
+                logs["train_samples_per_second"] = round(samples / logs["train_runtime"], 3)
         super().log(logs, start_time)
 
     def _sgd_noise(self, lr: float | None) -> float | None:

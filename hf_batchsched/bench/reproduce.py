@@ -308,7 +308,8 @@ def train_classifier(
             num_train_epochs=epochs,
             per_device_train_batch_size=max_micro_batch_size,
             learning_rate=learning_rate,
-            lr_scheduler_type="constant",
+            # without a policy, the LR stays constant; with one, the policy drives it
+            **({"lr_scheduler_type": "constant"} if lr_policy is None else {}),
             report_to="none",
             use_cpu=True,
             save_strategy="no",

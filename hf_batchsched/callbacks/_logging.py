@@ -15,8 +15,12 @@ Why a helper (transformers 5.x, checked against ``trainer.py`` and ``trainer_cal
   ``on_substep_end``) run while ``should_log`` is still ``False``; ``on_log`` and ``on_evaluate`` run after the
   training log was written. Logging from those is harmless, and the helper is a plain ``trainer.log`` there.
 
-:func:`log_metrics` logs through ``trainer.log`` (so the values reach every ``report_to`` integration, and
-``log_history``) and puts ``should_log`` back when it was set before the call.
+:func:`log_metrics` logs through ``transformers.Trainer.log`` (so the values reach every ``report_to`` integration,
+and ``log_history``) and puts ``should_log`` back when it was set before the call. It calls the base class's ``log``,
+not a subclass's override: trl's trainers (``SFTTrainer``, ...) merge the metrics they gather during the step
+(``entropy``, ``mean_token_accuracy``, ``num_tokens``) into *every* ``log`` call and clear them only afterwards, so
+an extra entry logged through their ``log`` would repeat them (from ``on_log``) or take them away from the training
+log (from ``on_step_end``); through the base ``log`` each metric appears once per step, in the Trainer's own entry.
 
 DDP: call it on every rank, like the Trainer's own ``self.log`` (which runs on every rank): it runs no collective,
 writes no file, and keeps ``log_history`` the same on all ranks; the ``report_to`` integrations and the console
@@ -26,10 +30,12 @@ before) if they should mean the same thing everywhere.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+from transformers import Trainer
 
 __all__ = ["log_metrics"]
 
@@ -46,7 +52,8 @@ def log_metrics(trainer: Any, logs: Mapping[str, Any]) -> None:
 
     Args:
         trainer (`transformers.Trainer`):
-            The trainer (anything with ``log(dict)``; ``control`` is read when present).
+            The trainer (``transformers.Trainer.log`` is called on it; anything else with ``log(dict)`` has its own
+            ``log`` called; ``control`` is read when present).
         logs (`Mapping[str, float]`):
             Metric name to value; one-element tensors are turned into Python numbers. Nothing is logged when empty.
 
@@ -67,7 +74,8 @@ def log_metrics(trainer: Any, logs: Mapping[str, Any]) -> None:
         return
     control = getattr(trainer, "control", None)
     pending = bool(getattr(control, "should_log", False))
-    trainer.log({key: _plain(value) for key, value in logs.items()})
+    log = functools.partial(Trainer.log, trainer) if isinstance(trainer, Trainer) else trainer.log
+    log({key: _plain(value) for key, value in logs.items()})
     if pending:
         # Trainer.log may have replaced trainer.control with what the on_log callbacks returned: set both.
         control.should_log = True

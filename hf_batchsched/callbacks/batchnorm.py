@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from hf_batchsched.callbacks._binding import TrainerBoundCallback
 from hf_batchsched.callbacks._logging import log_metrics
 from hf_batchsched.errors import ConfigError, check_positive
 from hf_batchsched.probes.batchnorm import batchnorm_modules, freeze_bn, is_bn_frozen, recalibrate_bn, unfreeze_bn
@@ -25,7 +26,7 @@ __all__ = ["BNRecalibrationCallback", "FreezeBNCallback"]
 
 def _require_batchnorm(trainer: Any, who: str) -> None:
     if getattr(trainer, "model", None) is None:
-        raise ConfigError(f"{who} needs a Trainer with a model; pass the Trainer itself: {who}(trainer, ...)")
+        raise ConfigError(f"{who} needs a Trainer with a model")
     if not batchnorm_modules(trainer.model, tracked_only=False):
         raise ConfigError(
             f"{who}: {type(trainer.model).__name__} has no BatchNorm layer, so there is nothing to do; "
@@ -33,7 +34,7 @@ def _require_batchnorm(trainer: Any, who: str) -> None:
         )
 
 
-class BNRecalibrationCallback(TrainerCallback):
+class BNRecalibrationCallback(TrainerBoundCallback, TrainerCallback):
     """Recompute BN running statistics with the current weights before each evaluation and at the end of training.
 
     Running statistics are an EMA over past batches computed with past weights; while the batch size ramps the
@@ -54,8 +55,9 @@ class BNRecalibrationCallback(TrainerCallback):
     a forked RNG so the training run's randomness is untouched; pass ``dataloader`` to use other data.
 
     Args:
-        trainer (`transformers.Trainer`):
-            The trainer whose ``model`` to recalibrate.
+        trainer (`transformers.Trainer`, *optional*):
+            The trainer whose ``model`` to recalibrate; without it the callback is bound by ``BatchRampTrainer`` or
+            ``hf_batchsched.bind_callbacks(trainer)``.
         num_batches (`int`, *optional*, defaults to `50`):
             Training batches per recalibration (schedule-free users report about 50 suffices).
         on_evaluate (`bool`, *optional*, defaults to `True`):
@@ -81,7 +83,7 @@ class BNRecalibrationCallback(TrainerCallback):
 
     def __init__(
         self,
-        trainer: Any,
+        trainer: Any = None,
         num_batches: int = 50,
         on_evaluate: bool = True,
         on_train_end: bool = True,
@@ -89,19 +91,15 @@ class BNRecalibrationCallback(TrainerCallback):
         forward_fn: Callable[[torch.nn.Module, Any], Any] | None = None,
         micro_batch_size: int | None = None,
     ):
-        _require_batchnorm(trainer, "BNRecalibrationCallback")
-        if micro_batch_size is None:
-            micro_batch_size = getattr(trainer, "max_micro_batch_size", None)
-        elif isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        if micro_batch_size is not None and (
+            isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1
+        ):
             raise ConfigError(f"micro_batch_size must be a positive int or None, got {micro_batch_size!r}")
         if isinstance(num_batches, bool) or not isinstance(num_batches, int):
             raise ConfigError(f"num_batches must be an int, got {num_batches!r}")
         check_positive("num_batches", num_batches)
         if not (on_evaluate or on_train_end):
             raise ConfigError("BNRecalibrationCallback with on_evaluate=False and on_train_end=False does nothing")
-        if dataloader is None and getattr(trainer, "train_dataset", None) is None:
-            raise ConfigError("BNRecalibrationCallback needs trainer.train_dataset or an explicit dataloader=")
-        self.trainer = trainer
         self.num_batches = num_batches
         self.recalibrate_on_evaluate = on_evaluate
         self.recalibrate_on_train_end = on_train_end
@@ -110,6 +108,15 @@ class BNRecalibrationCallback(TrainerCallback):
         self.micro_batch_size = micro_batch_size
         self.last_step: int | None = None
         self.last_result: dict[str, int] | None = None
+        if trainer is not None:
+            self.bind(trainer)
+
+    def _bind(self, trainer: Any) -> None:
+        _require_batchnorm(trainer, "BNRecalibrationCallback")
+        if self.micro_batch_size is None:
+            self.micro_batch_size = getattr(trainer, "max_micro_batch_size", None)
+        if self.dataloader is None and getattr(trainer, "train_dataset", None) is None:
+            raise ConfigError("BNRecalibrationCallback needs trainer.train_dataset or an explicit dataloader=")
 
     def recalibrate(self) -> dict[str, int]:
         """Run one recalibration now (every rank must call it) and log it."""
@@ -148,7 +155,7 @@ class BNRecalibrationCallback(TrainerCallback):
             self.recalibrate()
 
 
-class FreezeBNCallback(TrainerCallback):
+class FreezeBNCallback(TrainerBoundCallback, TrainerCallback):
     """Freeze every BN layer (running statistics fixed, inference-mode normalisation) from ``after_step`` on.
 
     ``Trainer`` calls ``model.train()`` every step, which undoes a plain ``bn.eval()``; ``freeze_bn`` puts a
@@ -158,8 +165,9 @@ class FreezeBNCallback(TrainerCallback):
     a resume) and undone in ``on_train_end`` unless ``unfreeze_at_end=False``. Stateless.
 
     Args:
-        trainer (`transformers.Trainer`):
-            The trainer whose ``model`` to freeze.
+        trainer (`transformers.Trainer`, *optional*):
+            The trainer whose ``model`` to freeze; without it the callback is bound by ``BatchRampTrainer`` or
+            ``hf_batchsched.bind_callbacks(trainer)``.
         after_step (`int`, *optional*, defaults to `0`):
             First optimizer step (``global_step``) that runs with frozen BN; 0 freezes from the start.
         freeze_affine (`bool`, *optional*, defaults to `False`):
@@ -174,15 +182,20 @@ class FreezeBNCallback(TrainerCallback):
     ```
     """
 
-    def __init__(self, trainer: Any, after_step: int = 0, freeze_affine: bool = False, unfreeze_at_end: bool = True):
-        _require_batchnorm(trainer, "FreezeBNCallback")
+    def __init__(
+        self, trainer: Any = None, after_step: int = 0, freeze_affine: bool = False, unfreeze_at_end: bool = True
+    ):
         if isinstance(after_step, bool) or not isinstance(after_step, int):
             raise ConfigError(f"after_step must be an int, got {after_step!r}")
         check_positive("after_step", after_step, allow_zero=True)
-        self.trainer = trainer
         self.after_step = after_step
         self.freeze_affine = freeze_affine
         self.unfreeze_at_end = unfreeze_at_end
+        if trainer is not None:
+            self.bind(trainer)
+
+    def _bind(self, trainer: Any) -> None:
+        _require_batchnorm(trainer, "FreezeBNCallback")
 
     @property
     def frozen(self) -> bool:

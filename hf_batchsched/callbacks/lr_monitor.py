@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
+from ._binding import TrainerBoundCallback
 from ._logging import log_metrics
 
 __all__ = ["LRMonitorCallback", "param_group_lrs"]
@@ -31,22 +32,22 @@ def param_group_lrs(optimizer) -> list[float]:
     return [float(group["lr"]) for group in optimizer.param_groups]
 
 
-class LRMonitorCallback(TrainerCallback):
+class LRMonitorCallback(TrainerBoundCallback, TrainerCallback):
     """Logs ``lr/group_<i>`` for every optimizer parameter group at each logging step.
 
     Args:
-        trainer (`transformers.Trainer`): the trainer whose optimizer is monitored.
+        trainer (`transformers.Trainer`, *optional*): the trainer whose optimizer is monitored; without it the
+            callback is bound by ``BatchRampTrainer`` or ``hf_batchsched.bind_callbacks(trainer)``.
 
     Example::
 
-        trainer.add_callback(LRMonitorCallback(trainer))
+        trainer = BatchRampTrainer(..., callbacks=[LRMonitorCallback()])  # or trainer.add_callback(LRMonitorCallback)
     """
 
-    def __init__(self, trainer):
-        if not hasattr(trainer, "log") or not hasattr(trainer, "args"):
-            raise TypeError(f"LRMonitorCallback needs a transformers.Trainer, got {type(trainer).__name__}")
-        self.trainer = trainer
+    def __init__(self, trainer=None):
         self.last_lrs: list[float] | None = None
+        if trainer is not None:
+            self.bind(trainer)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.last_lrs = param_group_lrs(self.trainer.optimizer)

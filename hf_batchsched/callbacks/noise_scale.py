@@ -66,6 +66,7 @@ from transformers import TrainerCallback
 from ..errors import ConfigError, check_positive
 from ..probes.noise_scale import GradientNoiseScale, grad_sq_norm
 from ..schedules.adaptive import AdaptiveBatchSchedule
+from ._binding import TrainerBoundCallback
 from ._logging import log_metrics
 from ._state import load_callback_state, save_callback_state
 
@@ -102,12 +103,13 @@ def _check_engine(trainer) -> None:
         )
 
 
-class NoiseScaleCallback(TrainerCallback):
+class NoiseScaleCallback(TrainerBoundCallback, TrainerCallback):
     """Measure the gradient noise scale every ``every_n_steps`` optimizer steps of a ``BatchRampTrainer``.
 
     Args:
-        trainer (`BatchRampTrainer`): the trainer (any ``Trainer`` with ``BatchRampMixin``); the callback registers
-            its step hook on it. Add the callback with ``trainer.add_callback(callback)``.
+        trainer (`BatchRampTrainer`, *optional*): the trainer (any ``Trainer`` with ``BatchRampMixin``); the callback
+            registers its step hook on it. Without it, the trainer binds the callback when it is in its
+            ``callbacks=[...]`` or given to ``add_callback`` (class or instance).
         beta (`float`, *optional*): EMA decay of the estimator. Defaults to `0.99`, or to the adaptive schedule's
             estimator when the trainer's ``batch_schedule`` is an ``AdaptiveBatchSchedule`` (which owns it; a
             different ``beta`` then raises).
@@ -131,16 +133,31 @@ class NoiseScaleCallback(TrainerCallback):
 
     STATE_KEY = "hf_batchsched.NoiseScaleCallback"
 
-    def __init__(self, trainer: Any, beta: float | None = None, every_n_steps: int = 1):
+    def __init__(self, trainer: Any = None, beta: float | None = None, every_n_steps: int = 1):
+        check_positive("every_n_steps", every_n_steps)
+        self.every_n_steps = int(every_n_steps)
+        self.beta = beta
+        self.schedule: AdaptiveBatchSchedule | None = None
+        self.estimator: GradientNoiseScale | None = None
+        self.skipped_steps = 0
+        self._attached = False
+        self._small: torch.Tensor | None = None
+        self._small_samples = 0
+        self._small_weight: float | None = None
+        self._lr_restore: list[float] | None = None
+        self._new_event = False
+        self._param_list: list[torch.Tensor] | None = None
+        if trainer is not None:
+            self.bind(trainer)
+
+    def _bind(self, trainer: Any) -> None:
         if not hasattr(trainer, "add_step_hook"):
             raise ConfigError(
                 f"NoiseScaleCallback needs a BatchRampTrainer (or a Trainer with BatchRampMixin), got "
                 f"{type(trainer).__name__}: it measures the gradient of one micro-chunk inside each step"
             )
-        check_positive("every_n_steps", every_n_steps)
         _check_engine(trainer)
-        self.trainer = trainer
-        self.every_n_steps = int(every_n_steps)
+        beta = self.beta
         schedule = getattr(trainer, "batch_schedule", None)
         self.schedule = schedule if isinstance(schedule, AdaptiveBatchSchedule) else None
         if self.schedule is not None:
@@ -161,14 +178,6 @@ class NoiseScaleCallback(TrainerCallback):
         else:
             self.estimator = GradientNoiseScale(beta=0.99 if beta is None else beta)
         self._check_two_chunks_possible()
-        self.skipped_steps = 0
-        self._attached = False
-        self._small: torch.Tensor | None = None
-        self._small_samples = 0
-        self._small_weight: float | None = None
-        self._lr_restore: list[float] | None = None
-        self._new_event = False
-        self._param_list: list[torch.Tensor] | None = None
         trainer.add_step_hook(self)
 
     def _check_two_chunks_possible(self) -> None:
@@ -305,6 +314,7 @@ class NoiseScaleCallback(TrainerCallback):
 
     # ---- Trainer callbacks ----------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
         self._attached = True
         self._param_list = None
         saved = load_callback_state(state, self.STATE_KEY)

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from transformers import TrainerCallback
 
 from ..errors import ConfigError, check_choice, check_positive
+from ._binding import TrainerBoundCallback
 from ._logging import log_metrics
 from ._state import load_callback_state, save_callback_state
 
@@ -206,11 +207,12 @@ def _eval_metric_name(metric: str) -> str:
     return metric if metric.startswith("eval_") else f"eval_{metric}"
 
 
-class PlateauCallback(TrainerCallback):
+class PlateauCallback(TrainerBoundCallback, TrainerCallback):
     """Cut the LR (or switch LR policy) when an evaluation metric stops improving.
 
     Args:
-        trainer (`transformers.Trainer`): the trainer; evaluation must be on (``eval_strategy`` not ``"no"``).
+        trainer (`transformers.Trainer`, *optional*): the trainer; evaluation must be on (``eval_strategy`` not
+            ``"no"``). Without it the callback is bound by ``BatchRampTrainer`` or ``hf_batchsched.bind_callbacks``.
         metric (`str`, *optional*, defaults to `"eval_loss"`): the evaluation metric watched (``"loss"`` means
             ``"eval_loss"``, as ``metric_for_best_model``).
         mode (`str`, *optional*, defaults to `"min"`): ``"min"`` if lower is better, ``"max"`` otherwise.
@@ -241,7 +243,7 @@ class PlateauCallback(TrainerCallback):
 
     def __init__(
         self,
-        trainer,
+        trainer=None,
         metric: str = "eval_loss",
         mode: str = "min",
         factor: float = 0.5,
@@ -252,32 +254,40 @@ class PlateauCallback(TrainerCallback):
         min_lr_ratio: float = 0.01,
         policies: Sequence | None = None,
     ):
-        eval_strategy = str(getattr(trainer.args.eval_strategy, "value", trainer.args.eval_strategy))
-        if eval_strategy == "no":
-            raise ConfigError(
-                "PlateauCallback reacts to evaluation metrics but evaluation is off (eval_strategy='no'); set "
-                "eval_strategy='steps' with eval_steps, or 'epoch', and pass an eval_dataset"
-            )
         if not 0 < factor < 1:
             raise ConfigError(f"factor must be in (0, 1) (the LR multiplier on a plateau), got {factor}")
         if not 0 < min_lr_ratio <= 1:
             raise ConfigError(
                 f"min_lr_ratio must be in (0, 1] (a floor relative to the scheduled LR), got {min_lr_ratio}"
             )
-        self.trainer = trainer
         self.metric = _eval_metric_name(metric)
         self.factor = float(factor)
         self.min_lr_ratio = float(min_lr_ratio)
         self.tracker = PlateauTracker(mode, patience, threshold, threshold_mode, cooldown)
+        if policies is not None and (
+            isinstance(policies, (str, dict)) or not isinstance(policies, Sequence) or not policies
+        ):
+            raise ConfigError(f"policies must be a non-empty list of LR policies, got {policies!r}")
+        self._policy_specs = policies
         self.policies = None
-        if policies is not None:
-            self.policies = self._check_policies(trainer, policies)
         self.events = 0
         self.scale = 1.0
         self.policy_index = 0
         self.switch_points: list[float] = []
         self._base_policy = None
         self._training = False
+        if trainer is not None:
+            self.bind(trainer)
+
+    def _bind(self, trainer) -> None:
+        eval_strategy = str(getattr(trainer.args.eval_strategy, "value", trainer.args.eval_strategy))
+        if eval_strategy == "no":
+            raise ConfigError(
+                "PlateauCallback reacts to evaluation metrics but evaluation is off (eval_strategy='no'); set "
+                "eval_strategy='steps' with eval_steps, or 'epoch', and pass an eval_dataset"
+            )
+        if self._policy_specs is not None:
+            self.policies = self._check_policies(trainer, self._policy_specs)
 
     @staticmethod
     def _check_policies(trainer, policies) -> list:
@@ -322,6 +332,7 @@ class PlateauCallback(TrainerCallback):
         self._training = False
 
     def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
         self._training = True
         saved = load_callback_state(state, self.STATE_KEY)
         if saved is not None:

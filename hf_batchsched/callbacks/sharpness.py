@@ -5,6 +5,7 @@ A thin shell over :func:`hf_batchsched.probes.sharpness.estimate_sharpness` on a
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
@@ -14,6 +15,7 @@ from transformers import TrainerCallback
 from ..errors import ConfigError, check_positive
 from ..probes._utils import to_device, world_size_and_rank
 from ..probes.sharpness import estimate_sharpness, validate_sharpness_options
+from ._binding import TrainerBoundCallback
 from ._logging import log_metrics
 from ._state import load_callback_state, save_callback_state
 
@@ -21,8 +23,10 @@ __all__ = ["SharpnessProbeCallback"]
 
 _COUNTERS = ("_hvps", "_evals", "_fd")
 
+logger = logging.getLogger(__name__)
 
-class SharpnessProbeCallback(TrainerCallback):
+
+class SharpnessProbeCallback(TrainerBoundCallback, TrainerCallback):
     """Probe the sharpness of the training loss every ``every_n_steps`` steps and/or after each evaluation.
 
     The probe runs at ``on_step_end`` (after ``zero_grad``, so it cannot touch accumulated gradients) on a fixed
@@ -49,12 +53,14 @@ class SharpnessProbeCallback(TrainerCallback):
     | ``sharpness/lambda_max_preconditioned`` | ``lambda_1(P^-1 H)`` under Adam(W) |
     | ``sharpness/trace``, ``sharpness/trace_stderr`` | Hutchinson Hessian trace and its standard error |
     | ``sharpness/loss`` | probe-set loss at the current weights |
+    | ``sharpness/skipped`` | probes skipped for ``budget`` so far (logged at each skipped probe, with an info line) |
 
     TensorBoard shows them as ``train/sharpness/...`` (the Trainer's TensorBoard callback prefixes ``train/``).
 
     Args:
-        trainer (`transformers.Trainer`):
-            The trainer whose model is probed.
+        trainer (`transformers.Trainer`, *optional*):
+            The trainer whose model is probed; without it the callback is bound by ``BatchRampTrainer`` or
+            ``hf_batchsched.bind_callbacks(trainer)`` (see ``hf_batchsched.callbacks``).
         metrics (`Sequence[str]`, *optional*, defaults to `("avg",)`):
             Any of ``"avg"``, ``"keskar"``, ``"lambda_max"``, ``"trace"``.
         every_n_steps (`int` or `None`, *optional*, defaults to `500`):
@@ -91,7 +97,7 @@ class SharpnessProbeCallback(TrainerCallback):
 
     def __init__(
         self,
-        trainer,
+        trainer=None,
         metrics: Sequence[str] = ("avg",),
         every_n_steps: int | None = 500,
         on_evaluate: bool = True,
@@ -113,18 +119,10 @@ class SharpnessProbeCallback(TrainerCallback):
         check_positive("probe_batch_size", probe_batch_size)
         if budget is not None and not 0 < budget <= 1:
             raise ConfigError(f"budget is a fraction of training wall time in (0, 1], got {budget}")
-        model = trainer.model
-        if not metric_options.get("merged") and not any(p.requires_grad for p in model.parameters()):
-            raise ConfigError(
-                "the model has no trainable parameters to probe; attach a LoRA adapter or unfreeze parameters"
-            )
-        dataset = probe_dataset if probe_dataset is not None else trainer.train_dataset
-        if dataset is None:
-            raise ConfigError("no probe data: pass probe_dataset= or give the trainer a train_dataset")
-        self.trainer = trainer
         self.every_n_steps = every_n_steps
         self.on_evaluate_probe = on_evaluate
-        self.dataset = dataset
+        self.probe_dataset = probe_dataset
+        self.dataset = probe_dataset
         self.num_probe_samples = int(num_probe_samples)
         self.probe_batch_size = int(probe_batch_size)
         self.budget = budget
@@ -139,6 +137,18 @@ class SharpnessProbeCallback(TrainerCallback):
         self.last_probe_seconds: float | None = None
         self._batches: list | None = None
         self._train_start: float | None = None
+        if trainer is not None:
+            self.bind(trainer)
+
+    def _bind(self, trainer) -> None:
+        if not self.metric_options.get("merged") and not any(p.requires_grad for p in trainer.model.parameters()):
+            raise ConfigError(
+                "the model has no trainable parameters to probe; attach a LoRA adapter or unfreeze parameters"
+            )
+        dataset = self.probe_dataset if self.probe_dataset is not None else trainer.train_dataset
+        if dataset is None:
+            raise ConfigError("no probe data: pass probe_dataset= or give the trainer a train_dataset")
+        self.dataset = dataset
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -200,6 +210,7 @@ class SharpnessProbeCallback(TrainerCallback):
 
     # -- hooks ----------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
         # On resume the Trainer has loaded the checkpoint's TrainerState by now: the probe set comes back with it.
         stored = load_callback_state(state, self.STATE_KEY)
         if stored:
@@ -234,6 +245,16 @@ class SharpnessProbeCallback(TrainerCallback):
         if self._over_budget():
             self.num_skipped += 1
             self._sync_state(state)
+            logger.info(
+                "SharpnessProbeCallback: probe at step %d skipped for budget=%s (the last probe took %.3g s; probing "
+                "has used %.3g s so far); %d skipped in all. Raise budget or pass budget=None to probe every time",
+                state.global_step,
+                self.budget,
+                self.last_probe_seconds,
+                self.probe_seconds,
+                self.num_skipped,
+            )
+            log_metrics(self.trainer, {"sharpness/skipped": self.num_skipped})
             return None
         start = time.perf_counter()
         options = dict(self.metric_options)

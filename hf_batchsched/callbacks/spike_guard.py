@@ -56,6 +56,7 @@ from transformers import TrainerCallback
 from ..errors import ConfigError, check_choice
 from ..probes.noise_scale import grad_sq_norm
 from ..probes.stability import SpikeDetector
+from ._binding import TrainerBoundCallback
 from ._logging import log_metrics
 from ._state import load_callback_state, save_callback_state
 from .plateau import _check_scheduler_honours_scale, _cut_learning_rates
@@ -93,11 +94,12 @@ def skip_update(optimizer) -> None:
         p.grad = None
 
 
-class SpikeGuardCallback(TrainerCallback):
+class SpikeGuardCallback(TrainerBoundCallback, TrainerCallback):
     """Skip the update and/or cut the LR on a loss or gradient-norm spike; never apply a NaN/Inf update.
 
     Args:
-        trainer (`transformers.Trainer`): the trainer.
+        trainer (`transformers.Trainer`, *optional*): the trainer; without it the callback is bound by
+            ``BatchRampTrainer`` or ``hf_batchsched.bind_callbacks(trainer)``.
         window (`int`, *optional*, defaults to `128`): steps in the rolling window (OLMo-core's
             ``rolling_interval_length``).
         sigma (`float`, *optional*, defaults to `6.0`): z-score above which a step is a spike (OLMo-core's
@@ -119,7 +121,7 @@ class SpikeGuardCallback(TrainerCallback):
 
     def __init__(
         self,
-        trainer,
+        trainer=None,
         window: int = 128,
         sigma: float = 6.0,
         min_history: int = 20,
@@ -133,9 +135,6 @@ class SpikeGuardCallback(TrainerCallback):
             raise ConfigError(f"lr_factor must be in (0, 1) (the LR multiplier per cut), got {lr_factor}")
         if not 0 < min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio must be in (0, 1], got {min_lr_ratio}")
-        if not (hasattr(trainer, "log") and hasattr(trainer, "args")):
-            raise ConfigError(f"SpikeGuardCallback needs a transformers.Trainer, got {type(trainer).__name__}")
-        self.trainer = trainer
         self.action = action
         self.lr_factor = float(lr_factor)
         self.min_lr_ratio = float(min_lr_ratio)
@@ -152,6 +151,8 @@ class SpikeGuardCallback(TrainerCallback):
         self._watch = None
         self._warned_clipped_norm = False
         self._event_this_step = False
+        if trainer is not None:
+            self.bind(trainer)
 
     # ---- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -178,6 +179,7 @@ class SpikeGuardCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         from ..trainer import StepWatch  # trainer.py imports this package
 
+        super().on_train_begin(args, state, control, **kwargs)
         saved = load_callback_state(state, self.STATE_KEY)
         if saved is not None:
             self.load_state_dict(saved)

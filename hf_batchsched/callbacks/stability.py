@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from hf_batchsched.callbacks._binding import TrainerBoundCallback
 from hf_batchsched.callbacks._logging import log_metrics
 from hf_batchsched.callbacks._state import load_callback_state, save_callback_state
 from hf_batchsched.errors import ConfigError, check_positive
@@ -68,7 +69,7 @@ def _items_in(kwargs: Mapping[str, Any], args: tuple) -> torch.Tensor | int:
     return 1
 
 
-class StabilityMonitorCallback(TrainerCallback):
+class StabilityMonitorCallback(TrainerBoundCallback, TrainerCallback):
     """Log a depth profile of activations and gradients every ``every_n_steps``, and flag divergence every step.
 
     On a sampled step (``global_step % every_n_steps == 0``) forward hooks are attached to the model's blocks
@@ -87,8 +88,9 @@ class StabilityMonitorCallback(TrainerCallback):
     ``"hf_batchsched.StabilityMonitorCallback"``) and restored on ``train(resume_from_checkpoint=...)``.
 
     Args:
-        trainer (`transformers.Trainer`):
-            The trainer to monitor; metrics go through ``trainer.log`` to every ``report_to`` integration.
+        trainer (`transformers.Trainer`, *optional*):
+            The trainer to monitor; metrics go through ``trainer.log`` to every ``report_to`` integration. Without
+            it the callback is bound by ``BatchRampTrainer`` or ``hf_batchsched.bind_callbacks(trainer)``.
         every_n_steps (`int`, *optional*, defaults to `25`):
             Sampling interval in optimizer steps (1-3% of a 5 ms/step toy ResNet run, less on real models).
         block_class (`str`, *optional*):
@@ -119,7 +121,7 @@ class StabilityMonitorCallback(TrainerCallback):
 
     def __init__(
         self,
-        trainer: Any,
+        trainer: Any = None,
         every_n_steps: int = 25,
         block_class: str | None = None,
         per_layer: bool = True,
@@ -129,14 +131,11 @@ class StabilityMonitorCallback(TrainerCallback):
         max_activation_growth: float = 1000.0,
         stop_on_divergence: bool = False,
     ):
-        if getattr(trainer, "model", None) is None:
-            raise ConfigError("StabilityMonitorCallback needs the Trainer itself: StabilityMonitorCallback(trainer)")
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int):
             raise ConfigError(f"every_n_steps must be an int, got {every_n_steps!r}")
         check_positive("every_n_steps", every_n_steps)
         if not max_activation_growth > 1:
             raise ConfigError(f"max_activation_growth must be > 1 (an RMS ratio), got {max_activation_growth}")
-        self.trainer = trainer
         self.every_n_steps = every_n_steps
         self.block_class = block_class
         self.per_layer = per_layer
@@ -148,14 +147,23 @@ class StabilityMonitorCallback(TrainerCallback):
             min_history=min(5, spike_window),
             min_delta=spike_min_delta,
         )
-        self.blocks = find_blocks(trainer.model, block_class)
-        self.recorder = ActivationRecorder(self.blocks, training_only=True)
-        self.has_batchnorm = bool(batchnorm_modules(trainer.model))
+        self.blocks: list = []
+        self.recorder: ActivationRecorder | None = None
+        self.has_batchnorm = False
         self.alarms = 0
         self._loss_handle: Any = None
         self._micro_losses: list[tuple[torch.Tensor, torch.Tensor | int | None]] = []
         self._pending_steps: list[list[tuple[torch.Tensor, torch.Tensor | int | None]]] = []
         self._grad_norms: torch.Tensor | None = None
+        if trainer is not None:
+            self.bind(trainer)
+
+    def _bind(self, trainer: Any) -> None:
+        if getattr(trainer, "model", None) is None:
+            raise ConfigError("StabilityMonitorCallback needs a Trainer with a model")
+        self.blocks = find_blocks(trainer.model, self.block_class)
+        self.recorder = ActivationRecorder(self.blocks, training_only=True)
+        self.has_batchnorm = bool(batchnorm_modules(trainer.model))
 
     # -- checkpoint state ---------------------------------------------------------------------------------------
 
@@ -222,6 +230,7 @@ class StabilityMonitorCallback(TrainerCallback):
     # -- events -------------------------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
         saved = load_callback_state(state, self.STATE_KEY)
         if saved is not None:
             self.load_state_dict(saved)
