@@ -257,7 +257,8 @@ def test_two_lora_runs_of_one_config_match(tiny_local, tmp_path):
     """The recipe seeds before LoRA draws its adapter weights: two runs give the same step-1 loss and grad norm.
 
     Same process, same machine, same config: the runs are deterministic, so 1e-6 (relative) only allows for nothing
-    but float printing; different adapter initialisations differ in the grad norm by far more (measured ~10%)."""
+    but float printing; different adapter initialisations differ in the grad norm by far more (measured: 0.5444 and
+    0.5418 when LoRA was attached before seeding; the loss is equal either way, since LoRA starts with B = 0)."""
     shipped = load_config_file(ROOT / "recipes" / "configs" / "demo_cpu.yaml")
     config = {**shipped, **tiny_overrides(tiny_local, tmp_path), "sharpness": None, "max_steps": 1}
     config.update(peft="lora", lora_dropout=0.05, lora_target_modules=["all-linear"])
