@@ -37,7 +37,23 @@ def _available_commands() -> dict:
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose usage errors are one line (``prog: error: ...``, exit code 2), no usage dump."""
+    """An ``ArgumentParser`` whose usage errors are one line (``prog: error: ...``, exit code 2), no usage dump.
+
+    Options must be spelled in full (``allow_abbrev=False``: ``--learning_rat`` is not ``--learning_rate``). A
+    command may set ``parser.epilog_factory`` (a callable returning the epilog) for help text that is costly to build
+    (it is built only when the help is shown).
+    """
+
+    epilog_factory = None
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def format_help(self) -> str:
+        if self.epilog_factory is not None:
+            self.epilog = self.epilog_factory()
+        return super().format_help()
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

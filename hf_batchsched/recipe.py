@@ -53,6 +53,7 @@ __all__ = [
     "RecipeArguments",
     "build_callbacks",
     "build_trainer",
+    "config_keys",
     "finetune",
     "load_config_file",
     "load_data",
@@ -229,6 +230,21 @@ def _dataclass_types() -> tuple:
     return ModelArguments, DataArguments, PeftArguments, BatchSchedArguments, CallbackArguments, TrainingArguments
 
 
+def config_keys() -> dict[str, list[str]]:
+    """Every config key, grouped: the recipe's sections, then all ``TrainingArguments`` fields (for ``--help``).
+
+    >>> keys = config_keys()
+    >>> keys["batch schedule and LR policy"][:2], "learning_rate" in keys["TrainingArguments"]
+    (['batch_schedule', 'max_micro_batch_size'], True)
+    """
+    names = ("model", "data", "adapters", "batch schedule and LR policy", "callback sections (JSON)")
+    names = (*names, "TrainingArguments")
+    return {
+        group: [item.name for item in dataclasses.fields(cls) if item.init]
+        for group, cls in zip(names, _dataclass_types(), strict=True)
+    }
+
+
 def _field_types() -> dict[str, typing.Any]:
     types_by_name = {}
     for cls in _dataclass_types():
@@ -360,7 +376,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RecipeArguments:
     import argparse
     import sys
 
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     config = load_config_file(known.config) if known.config else {}
@@ -374,7 +390,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RecipeArguments:
     from transformers import HfArgumentParser
 
     given = _given_options(rest)
-    parser = HfArgumentParser(_dataclass_types())
+    parser = HfArgumentParser(_dataclass_types(), allow_abbrev=False)  # --learning_rat is not --learning_rate
     parser.error = _raise_config_error  # one line and exit code 2 from the CLI, instead of argparse's usage dump
     parser.set_defaults(**{key: _coerce(key, value, types_by_name[key]) for key, value in config.items()})
     *parsed, remaining = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
@@ -425,7 +441,8 @@ def _check_callback_kwargs(section: str, kwargs: dict) -> None:
         from .probes.sharpness import validate_sharpness_options
 
         metrics = kwargs.get("metrics", ("avg",))
-        _wrap(lambda: validate_sharpness_options(metrics, {key: kwargs[key] for key in unknown}), section)
+        options = {key: kwargs[key] for key in unknown}
+        _wrap(lambda: validate_sharpness_options(metrics, options, callback_keys=sorted(accepted)), section)
     elif unknown:
         raise ConfigError(
             f"config section {section!r} got unknown key(s) {', '.join(unknown)}; "
@@ -744,13 +761,47 @@ def build_trainer(args: RecipeArguments, model, tokenizer, train_dataset, eval_d
 def finetune(args: RecipeArguments):
     """Run the recipe and return the trained ``Trainer`` (final metrics in ``trainer.state.log_history``):
 
-    1. model and tokenizer (+ LoRA / QLoRA adapters); the embedded small Llama when no model is named;
+    1. model and tokenizer (+ LoRA / QLoRA adapters), after seeding with ``seed`` (so two runs of one config start
+       from the same adapter weights); the embedded small Llama when no model is named;
     2. data: hub dataset, local JSON/JSONL, or the embedded text, tokenized (and packed) to ``max_seq_length``;
     3. trainer: ``BatchRampTrainer`` with the batch ramp and LR policy, plus every configured callback;
     4. train (``resume_from_checkpoint``: ``true`` for the newest complete checkpoint in ``output_dir``, or a
        checkpoint path; checked before anything is loaded or written), evaluate, save (unless ``save_strategy: "no"``).
     """
+    from .trainer import check_distributed_launch
+
+    check_distributed_launch(args.training)
     resume = resume_checkpoint(args)
+    output_dir = Path(args.training.output_dir)
+    created = not output_dir.exists()
+    try:
+        return _finetune(args, resume)
+    except BaseException:
+        if created:  # a run that stopped before writing anything leaves no empty output_dir behind
+            _remove_empty_tree(output_dir)
+        raise
+
+
+def _remove_empty_tree(path: Path) -> None:
+    """Remove ``path`` and its subfolders if they hold no file."""
+    try:
+        if not path.is_dir() or any(not item.is_dir() for item in path.rglob("*")):
+            return
+        for folder in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            folder.rmdir()
+        path.rmdir()
+    except OSError:  # another process of the launch removed it first, or wrote into it
+        pass
+
+
+def _finetune(args: RecipeArguments, resume: str | None):
+    from transformers import enable_full_determinism, set_seed
+
+    # Seeded before the model exists: LoRA's initial adapter weights come from the global generator.
+    if args.training.full_determinism:
+        enable_full_determinism(args.training.seed)
+    else:
+        set_seed(args.training.seed)
     model, tokenizer = load_model_and_tokenizer(args)
     train_dataset, eval_dataset = load_data(args, tokenizer)
     trainer = build_trainer(args, model, tokenizer, train_dataset, eval_dataset)

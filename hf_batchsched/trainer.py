@@ -92,6 +92,7 @@ import functools
 import json
 import logging
 import math
+import numbers
 import os
 import types
 from collections.abc import Mapping
@@ -120,7 +121,7 @@ from .clock import TrainingClock
 from .data.batches import IGNORE_INDEX, batch_len, count_batch, packed_sequence_starts, split_micro_chunks
 from .data.lengths import sample_lengths
 from .data.sampler import DrawnStep, RampBatchSampler, as_batch_schedule
-from .errors import ConfigError, check_choice, check_positive
+from .errors import ConfigError, check_choice, check_integer, check_positive
 from .schedules.base import Policy
 from .schedules.noise import sgd_noise
 
@@ -208,6 +209,34 @@ def _fsdp_requested(args) -> bool:
 
 def _deepspeed_requested(args) -> bool:
     return _env_flag("ACCELERATE_USE_DEEPSPEED") or bool(getattr(args, "deepspeed", None))
+
+
+def check_distributed_launch(args) -> None:
+    """Refuse a launch of several processes (``WORLD_SIZE > 1``: torchrun, accelerate launch) whose
+    ``TrainingArguments`` are not distributed: each process would train alone (on CPU without ``use_cpu``), or
+    without DDP's averaging (gloo without ``use_cpu``). ``args=None`` stands for the Trainer's default arguments."""
+    from transformers.training_args import ParallelMode
+
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    if not world.isdigit() or int(world) <= 1:
+        return
+    mode = getattr(args, "parallel_mode", ParallelMode.NOT_PARALLEL)
+    if mode in (ParallelMode.NOT_PARALLEL, ParallelMode.NOT_DISTRIBUTED):
+        raise ConfigError(
+            f"this is one of WORLD_SIZE={world} launched processes, but the TrainingArguments are not distributed "
+            "(each process would train alone); on CPU add --use_cpu true --ddp_backend gloo "
+            "(TrainingArguments(use_cpu=True, ddp_backend='gloo')), on GPUs give each process its own GPU"
+        )
+
+
+def _check_unset_or_positive(what: str, value, default: str) -> None:
+    """``None`` means "use the default"; anything else must be a positive integer (0 is not a way to unset it)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ConfigError(
+            f"{what} must be a positive integer, got {value!r}; leave it None for the default ({default})"
+        )
 
 
 def _check_sharding_engine(trainer) -> str | None:
@@ -512,6 +541,12 @@ class BatchRampMixin:
             args = (args[0], _copy_training_arguments(args[1]), *args[2:])
         if _env_flag(FSDP_ON_CPU_ENV):
             _enable_fsdp_on_cpu(kwargs.get("args", args[1] if len(args) > 1 else None))
+        # Checked before the Trainer makes output_dir:
+        _check_unset_or_positive("max_micro_batch_size", max_micro_batch_size, "per_device_train_batch_size")
+        _check_unset_or_positive("batch_size_multiple", batch_size_multiple, "the world size")
+        if seed is not None:
+            check_integer("seed", seed)
+        check_distributed_launch(kwargs.get("args", args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
         targs = self.args
         self.fsdp_gradient_sync = fsdp_gradient_sync
@@ -538,7 +573,7 @@ class BatchRampMixin:
             self.accelerator.gradient_accumulation_steps = 1
         if targs.auto_find_batch_size:
             raise ConfigError("auto_find_batch_size is not supported with a batch ramp; set max_micro_batch_size")
-        self.max_micro_batch_size = max_micro_batch_size or targs.per_device_train_batch_size
+        self.max_micro_batch_size = max_micro_batch_size or targs.per_device_train_batch_size  # 0 refused above
         check_positive("max_micro_batch_size", self.max_micro_batch_size)
         self.batch_schedule = as_batch_schedule(batch_schedule)
         if lr_policy is not None and not isinstance(lr_policy, Policy):
@@ -560,8 +595,9 @@ class BatchRampMixin:
                     "remove the 'scheduler' section (the policy then drives the engine's optimizer) or the lr_policy"
                 )
         self.ramp_seed = seed if seed is not None else (targs.data_seed if targs.data_seed is not None else targs.seed)
+        check_integer("seed", self.ramp_seed)
         self.ramp_rounding = rounding
-        self.batch_size_multiple = batch_size_multiple or world_size
+        self.batch_size_multiple = world_size if batch_size_multiple is None else int(batch_size_multiple)
         if self.batch_size_multiple % world_size:
             raise ConfigError(
                 f"batch_size_multiple={self.batch_size_multiple} must be a multiple of world_size={world_size} so "

@@ -26,8 +26,8 @@ given checkpoint; a resume whose batch plan differs from the checkpoint's is ref
         --config recipes/configs/llama8b_lora.yaml --resume_from_checkpoint true
 
 Any key of the config can be overridden on the command line (``--learning_rate 1e-4``, ``--peft lora``,
-``--batch_schedule '{"name": "constant", "batch_size": 64}'``). Bad keys or values stop with one line naming the
-key (exit code 2). The shared logic lives in ``hf_batchsched.recipe``.
+``--batch_schedule '{"name": "constant", "size": 64}'``, or just ``--batch_schedule 64``). Bad keys or values stop
+with one line naming the key (exit code 2). The shared logic lives in ``hf_batchsched.recipe``.
 """
 
 from __future__ import annotations

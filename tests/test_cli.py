@@ -42,6 +42,17 @@ BAD_INPUTS = [
     (["reproduce", "no-such-paper"], "unknown experiment 'no-such-paper'"),
     (["finetune", "--config", "recipes/configs/demo_cpu.yaml", "--learning_rate", "abc"], "invalid float value"),
     (["finetune", "--config", "recipes/configs/demo_cpu.yaml", "--lerning_rate", "1"], "--lerning_rate"),
+    # options are spelled in full: an abbreviation is an unknown option, not the option it starts
+    (["demo", "--max-step", "-3"], "unrecognized arguments: --max-step -3"),
+    (["finetune", "--conf", "recipes/configs/demo_cpu.yaml", "--max_seq_length", "0"], "required: --config"),
+    (
+        ["finetune", "--config", "recipes/configs/demo_cpu.yaml", "--learning_rat", "1e-4", "--max_seq_length", "0"],
+        "unknown command-line option(s): --learning_rat 1e-4",
+    ),
+    (
+        ["finetune", "--config", "recipes/configs/demo_cpu.yaml", "--sharpness", '{"every_n_step": 5}'],
+        "option(s) every_n_step not used by metric(s) avg; accepted: budget, distributed, every_n_steps,",
+    ),
 ]
 
 
@@ -60,3 +71,19 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, expected, capsys, monkeypat
     assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
     assert expected in lines[0]
     assert "Traceback" not in captured.out
+
+
+def test_finetune_help_lists_the_config_keys(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for group, keys in [
+        ("model", "model_name_or_path, attn_implementation"),
+        ("adapters", "peft, lora_r, lora_alpha"),
+        ("batch schedule and LR policy", "batch_schedule, max_micro_batch_size, lr_policy"),
+        ("callback sections (JSON)", "sharpness, stability"),
+    ]:
+        assert f"{group}: {keys}" in help_text
+    training = help_text.split("TrainingArguments: ")[1]
+    assert all(key in training for key in ("learning_rate", "per_device_train_batch_size", "seed", "use_cpu"))

@@ -397,7 +397,7 @@ def test_bad_input(tmp_path):
         make_trainer(tmp_path, batch_schedule=4, batch_size_multiple=8).train()
     with pytest.raises(ConfigError, match="batch_rebalance"):
         make_trainer(tmp_path, arg_overrides={"train_sampling_strategy": "batch_rebalance"})
-    with pytest.raises(ConfigError, match="max_micro_batch_size must be > 0"):
+    with pytest.raises(ConfigError, match="max_micro_batch_size must be a positive integer, got -1; leave it None"):
         make_trainer(tmp_path, max_micro_batch_size=-1)
     with pytest.raises(ConfigError, match="batch schedule"):
         make_trainer(tmp_path, batch_schedule="big")

@@ -5,6 +5,7 @@ A thin shell over :func:`hf_batchsched.probes.sharpness.estimate_sharpness` on a
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -108,7 +109,9 @@ class SharpnessProbeCallback(TrainerBoundCallback, TrainerCallback):
         seed: int = 0,
         **metric_options,
     ):
-        self.metrics = validate_sharpness_options(metrics, metric_options)
+        params = inspect.signature(SharpnessProbeCallback.__init__).parameters.values()
+        callback_keys = [p.name for p in params if p.kind is not p.VAR_KEYWORD and p.name not in ("self", "trainer")]
+        self.metrics = validate_sharpness_options(metrics, metric_options, callback_keys=callback_keys)
         for reserved in ("distributed", "seed"):
             metric_options.pop(reserved, None)
         if every_n_steps is not None:

@@ -19,11 +19,22 @@ PASSES_UNKNOWN_ARGS = True
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="recipe YAML, e.g. recipes/configs/demo_cpu.yaml")
-    parser.epilog = (
-        "Any other --key value overrides that config key, e.g. --learning_rate 1e-4 --max_steps 10. "
-        "--resume_from_checkpoint true resumes from the newest complete checkpoint in output_dir (or give a "
-        "checkpoint path); --allow_schedule_change_on_resume true lets it continue with a changed batch plan."
-    )
+    parser.epilog = EPILOG
+    parser.epilog_factory = _epilog_with_keys  # the key list imports transformers: built only for --help
+
+
+EPILOG = (
+    "Any other --key value overrides that config key, e.g. --learning_rate 1e-4 --max_steps 10 (keys in full, no "
+    "abbreviations). --resume_from_checkpoint true resumes from the newest complete checkpoint in output_dir (or give "
+    "a checkpoint path); --allow_schedule_change_on_resume true lets it continue with a changed batch plan."
+)
+
+
+def _epilog_with_keys() -> str:
+    from ..recipe import config_keys
+
+    groups = "; ".join(f"{group}: {', '.join(keys)}" for group, keys in config_keys().items())
+    return f"{EPILOG} Config keys: {groups}."
 
 
 def run(args: argparse.Namespace) -> int:

@@ -43,12 +43,13 @@ import copy
 import dataclasses
 import logging
 import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from ..errors import ConfigError, check_positive
+from ..errors import ConfigError, check_integer, check_positive
 from .lengths import sample_lengths, sequence_counts
 
 __all__ = ["DrawnStep", "RampBatchSampler", "as_batch_schedule"]
@@ -199,12 +200,13 @@ class RampBatchSampler(torch.utils.data.Sampler):
             raise ConfigError(f"unknown rounding {rounding!r}; valid choices: {', '.join(ROUNDINGS)}")
         self.batch_schedule = as_batch_schedule(batch_schedule)
         self.unit = getattr(self.batch_schedule, "unit", "samples")
+        check_integer("seed", seed)
         self.rank, self.world_size, self.seed, self.shuffle, self.rounding = rank, world_size, seed, shuffle, rounding
         self.group_by_length, self.drop_last = bool(group_by_length), bool(drop_last)
         self.epoch_mode = total_rows is None
         if not self.epoch_mode:
             self.total_rows = total_rows if total_rows == math.inf else int(total_rows)
-            check_positive("total_rows", self.total_rows)
+            check_positive("total_rows", self.total_rows, allow_inf=True)
         if lengths is None and (self.unit == "tokens" or self.group_by_length):
             if isinstance(data_source, int):
                 need = "a token-clocked batch schedule" if self.unit == "tokens" else "group_by_length"
@@ -333,7 +335,13 @@ class RampBatchSampler(torch.utils.data.Sampler):
     def global_batch_size(self, consumed_samples: int, consumed_tokens: int = 0) -> int:
         """The schedule's global batch size (in samples) at a clock reading, rounded down to ``round_to``."""
         clock = consumed_tokens if self.unit == "tokens" else consumed_samples
-        requested = int(self.batch_schedule(clock))
+        value = self.batch_schedule(clock)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ConfigError(
+                f"the batch schedule {self.batch_schedule!r} returned {value!r} at {self.unit}={clock}; it must "
+                "return a positive integer (the global batch size)"
+            )
+        requested = int(value)
         size = self._round(requested, clock)
         if size > self.samples_per_pass:
             raise ConfigError(

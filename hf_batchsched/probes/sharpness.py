@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterator, Sequence
+import numbers
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -124,10 +125,7 @@ def average_sharpness(
     Returns:
         `dict[str, float]`: ``avg`` (sharpness), ``avg_stderr`` (its standard error over pairs), ``loss``.
     """
-    check_positive("sigma", sigma)
-    check_choice("noise", noise, ("elementwise", "row"))
-    if num_samples < 2 or num_samples % 2:
-        raise ConfigError(f"num_samples must be an even number >= 2 (antithetic pairs), got {num_samples}")
+    _check_option_values({"sigma": sigma, "noise": noise, "num_samples": num_samples})
     generator = _generator(seed)
     with _probe(model, batches, loss_fn, weight_fn, merged, train_mode, seed, distributed) as objective:
         scales = []
@@ -201,10 +199,7 @@ def keskar_sharpness(
     """
     from scipy.optimize import minimize
 
-    check_positive("eps", eps)
-    check_positive("maxiter", maxiter)
-    if subspace_dim is not None:
-        check_positive("subspace_dim", subspace_dim)
+    _check_option_values({"eps": eps, "maxiter": maxiter, "subspace_dim": subspace_dim})
     with _probe(model, batches, loss_fn, weight_fn, merged, train_mode, seed, distributed) as objective:
         if subspace_dim is None:
             basis = None
@@ -360,8 +355,7 @@ def lambda_max(
         `dict[str, float]`: ``lambda_max``, ``lambda_max_hvps`` (HVPs used), ``lambda_max_fd`` (1.0 if finite
         differences were used), and ``eos_ratio`` / ``lambda_max_preconditioned`` when computable.
     """
-    check_positive("max_steps", max_steps)
-    check_positive("tol", tol)
+    _check_option_values({"max_steps": max_steps, "tol": tol})
     generator = _generator(seed)
     with _probe(
         model, batches, loss_fn, weight_fn, merged, train_mode, seed, distributed, hvp_method, fd_step, reuse_graph
@@ -406,8 +400,7 @@ def hessian_trace(
     Returns:
         `dict[str, float]`: ``trace`` and ``trace_stderr``.
     """
-    if num_probes < 2:
-        raise ConfigError(f"num_probes must be >= 2 to give a standard error, got {num_probes}")
+    _check_option_values({"num_probes": num_probes})
     generator = _generator(seed)
     with _probe(
         model, batches, loss_fn, weight_fn, merged, train_mode, seed, distributed, hvp_method, fd_step, reuse_graph
@@ -437,8 +430,32 @@ def _accepted(function: Callable) -> set[str]:
     }
 
 
-def validate_sharpness_options(metrics: Sequence[str], options: dict) -> tuple[str, ...]:
-    """Check metric names and options without running anything; returns the metrics as a tuple.
+def _check_option_values(options: Mapping) -> None:
+    """The estimators' checks of their option values, usable before anything runs (e.g. when a callback is built)."""
+    for name in ("sigma", "eps", "tol", "maxiter", "max_steps"):
+        if name in options:
+            check_positive(name, options[name])
+    if options.get("subspace_dim") is not None:
+        check_positive("subspace_dim", options["subspace_dim"])
+    if "noise" in options:
+        check_choice("noise", options["noise"], ("elementwise", "row"))
+    counts = (("num_samples", 2, True, "antithetic pairs"), ("num_probes", 2, False, "for a standard error"))
+    for name, low, even, why in counts:
+        if name not in options:
+            continue
+        value = options[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (even and value % 2):
+            kind = "an even number" if even else "an integer"
+            raise ConfigError(f"{name} must be {kind} >= {low} ({why}), got {value!r}")
+
+
+def validate_sharpness_options(
+    metrics: Sequence[str], options: dict, *, callback_keys: Sequence[str] = ()
+) -> tuple[str, ...]:
+    """Check metric names, option names and option values without running anything; returns the metrics as a tuple.
+
+    ``callback_keys`` (the arguments of a caller such as ``SharpnessProbeCallback``) are listed among the accepted
+    names when an option is unknown.
 
     >>> validate_sharpness_options(["avg", "lambda_max"], {"sigma": 0.1, "max_steps": 10})
     ('avg', 'lambda_max')
@@ -459,8 +476,9 @@ def validate_sharpness_options(metrics: Sequence[str], options: dict) -> tuple[s
     if unknown:
         raise ConfigError(
             f"option(s) {', '.join(unknown)} not used by metric(s) {', '.join(metrics)}; "
-            f"accepted: {', '.join(sorted(accepted))}"
+            f"accepted: {', '.join(sorted(accepted | set(callback_keys)))}"
         )
+    _check_option_values(options)
     return metrics
 
 
