@@ -22,6 +22,7 @@ _EXPORTS = {
     "BatchRampMixin": "trainer",
     "RampBatchSampler": "data.sampler",
     "TrainingClock": "clock",
+    "Coupling": "coupling",
     # schedules
     "PolicyLRScheduler": "schedules.scheduler",
     "make_lr_policy": "schedules.lr",
@@ -47,6 +48,7 @@ __all__ = [
     "BatchRampMixin",
     "BatchRampTrainer",
     "ConfigError",
+    "Coupling",
     "FreezeBNCallback",
     "LRMonitorCallback",
     "NoiseScaleCallback",
@@ -72,6 +74,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real objects
     from .callbacks.spike_guard import SpikeGuardCallback
     from .callbacks.stability import StabilityMonitorCallback
     from .clock import TrainingClock
+    from .coupling import Coupling
     from .data.sampler import RampBatchSampler
     from .errors import ConfigError
     from .schedules.adaptive import AdaptiveBatchSchedule

@@ -116,6 +116,7 @@ from .checkpoint import (
     write_text_atomically,
 )
 from .clock import TrainingClock
+from .coupling import CouplingCallback, resolve_coupling
 from .data.batches import IGNORE_INDEX, batch_len, count_batch, packed_sequence_starts, split_micro_chunks
 from .data.lengths import sample_lengths
 from .data.sampler import DrawnStep, RampBatchSampler, as_batch_schedule
@@ -368,6 +369,10 @@ class BatchRampMixin:
             continues from the checkpoint's clock with the new settings (logged). The dataset size and data seed
             must always match.
 
+        couple (`Coupling`, `dict` or `str`, *optional*): optimizer hyperparameters that follow the batch size at
+            every step, relative to the first step's batch (``hf_batchsched.coupling``): the LR (``"sqrt"`` or
+            ``"linear"``), AdamW's weight decay (constant time scale) and Adam's betas (constant half-life), e.g.
+            ``"lr=sqrt,wd,betas"``. An ``AdaptiveBatchSchedule``'s ``lr_scaling`` is applied the same way.
         fsdp_gradient_sync (`str`, *optional*, defaults to `"every_chunk"`): under FSDP2, reduce-scatter every
             micro-chunk's gradient (they stay sharded: gradient memory 1/world of the model's; k reduce-scatters per
             step) or only the last chunk's (``"last_chunk"``: one reduce-scatter per step, but every rank holds the
@@ -396,6 +401,7 @@ class BatchRampMixin:
         rounding: str = "down",
         allow_schedule_change_on_resume: bool = False,
         fsdp_gradient_sync: str = "every_chunk",
+        couple=None,
         **kwargs,
     ):
         check_choice("fsdp_gradient_sync", fsdp_gradient_sync, FSDP_GRADIENT_SYNC)
@@ -482,6 +488,11 @@ class BatchRampMixin:
         self._ramp_sampler: RampBatchSampler | None = None
         self._ramp_callback = _RampCallback(self)
         self.add_callback(self._ramp_callback)
+        # ---- coupled hyperparameters (hf_batchsched.coupling) ----
+        self.couple = resolve_coupling(couple, self.batch_schedule)
+        self._coupling = CouplingCallback(self, self.couple) if self.couple is not None else None
+        if self._coupling is not None:
+            self.add_callback(self._coupling)
 
     # ---- public extras -------------------------------------------------------------------------
     def add_step_hook(self, hook) -> None:
@@ -503,6 +514,7 @@ class BatchRampMixin:
             "last_batch_size": self.last_batch_size,
             "last_micro_chunks": self.last_micro_chunks,
             "save_only_model": bool(self.args.save_only_model),
+            "coupling": self._coupling.state_dict() if self._coupling is not None else None,
             "checkpoint_files": [],  # filled in when the checkpoint's trainer_state.json is written
         }
 
@@ -522,6 +534,10 @@ class BatchRampMixin:
         self.ramp_position = state["consumed_rows"]
         self.last_batch_size = state.get("last_batch_size")
         self.last_micro_chunks = state.get("last_micro_chunks")
+        if self._coupling is not None:  # B0 of the run; a checkpoint saved without coupling: its first step's batch
+            saved_base = (state.get("coupling") or {}).get("base_batch_size")
+            history = state["batch_sizes"]
+            self._coupling.base_batch_size = saved_base or (history[0][0] if history else None)
         self._resumed_ramp_state = state
 
     def _stream_fingerprint(self) -> dict:
@@ -538,6 +554,8 @@ class BatchRampMixin:
         self.last_batch_size = self.last_micro_chunks = self.last_step_rows = None
         self.ramp_position, self._leading_trim_exact = 0, None
         self._batch_size_history, self._resumed_ramp_state = [], None
+        if self._coupling is not None:
+            self._coupling.base_batch_size = None
         self._resume_source = point.path if point is not None else None
         if point is not None:
             self.load_ramp_state_dict(point.ramp_state, source=point.state_file)
@@ -681,6 +699,7 @@ class BatchRampMixin:
             "max_steps": cap,
             "train_sampling_strategy": self.sampling_strategy,
             "dataloader_drop_last": bool(args.dataloader_drop_last),
+            "couple": str(self.couple) if self.couple is not None else None,
         }
         self._plan_fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as it reads back from JSON
         saved = self._resumed_ramp_state
@@ -1058,6 +1077,8 @@ class BatchRampMixin:
             noise = self._sgd_noise(logs.get("learning_rate"))
             if noise is not None:
                 logs["batchsched/sgd_noise"] = noise
+            if self._coupling is not None:
+                logs.update(self._coupling.last)
         super().log(logs, start_time)
 
     def _sgd_noise(self, lr: float | None) -> float | None:
