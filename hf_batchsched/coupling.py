@@ -91,9 +91,7 @@ class Coupling:
         elif isinstance(value, str):
             coupling = cls(**_parse_string(value))
         else:
-            raise ConfigError(
-                f"couple must be a Coupling, a dict or a string like 'lr=sqrt,wd,betas', got {value!r}"
-            )
+            raise ConfigError(f"couple must be a Coupling, a dict or a string like 'lr=sqrt,wd,betas', got {value!r}")
         return coupling if coupling is not None and coupling.active else None
 
     def to_config(self) -> dict:
@@ -224,7 +222,9 @@ class CouplingCallback(TrainerCallback):
         coupling, k = self.coupling, self.factor()
         lr_scale, wd_scale = coupling.lr_scale(k), coupling.weight_decay_scale(k)
         groups = self.trainer.optimizer.param_groups
-        self._restore = [{key: group[key] for key in ("lr", "weight_decay", "betas") if key in group} for group in groups]
+        self._restore = [
+            {key: group[key] for key in ("lr", "weight_decay", "betas") if key in group} for group in groups
+        ]
         for group in groups:
             group["lr"] = group["lr"] * lr_scale
             if coupling.weight_decay:

@@ -182,7 +182,7 @@ class BatchSchedArguments:
     batch_schedule: dict | str | None = None
     max_micro_batch_size: int | None = None
     lr_policy: dict | str | None = None
-    couple: dict | str | None = field(default=None, metadata={"help": "coupled hyperparameters, e.g. lr=sqrt,wd,betas"})
+    couple: dict | str | None = field(default=None, metadata={"help": "coupled hyperparameters: lr=sqrt,wd,betas"})
     allow_schedule_change_on_resume: bool = False
 
 
