@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from conftest import run_torchrun
 from test_trainer_ramp import logged, make_trainer, train_losses
 from transformers import TrainerCallback
 
@@ -51,6 +52,7 @@ class StepRecorder(TrainerCallback):
         self._handle.remove()
 
 
+COUPLE = "lr=sqrt,wd,betas"
 ADAMW = {"weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.999, "lr_scheduler_type": "constant"}
 
 
@@ -198,3 +200,21 @@ def test_resume_with_another_coupling_is_refused(tmp_path):
     second, _ = coupled_trainer(tmp_path, "lr=sqrt,betas", **overrides)
     with pytest.raises(ConfigError, match='couple: "lr=sqrt" -> "lr=sqrt,betas"'):
         second.train(resume_from_checkpoint=os.path.join(tmp_path, "checkpoint-3"))
+
+
+# ---- DDP -----------------------------------------------------------------------------------------------------------
+@pytest.mark.distributed
+def test_two_ddp_ranks_apply_the_single_process_hyperparameters(tmp_path):
+    ranks = run_torchrun(os.path.join(os.path.dirname(__file__), "ddp_coupling_worker.py"), tmp_path / "ddp")
+    single, recorder = coupled_trainer(tmp_path / "single", COUPLE)
+    single.train()
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    for rank in ranks:  # B0 is the global batch (4), not a rank's share: both ranks step with the same values
+        assert [step["batch"] for step in rank["steps"]] == [4, 4, 16, 8]
+        for ours, theirs in zip(rank["steps"], recorder.steps, strict=True):
+            for group, other in zip(ours["groups"], theirs["groups"]):
+                assert group == pytest.approx(other, rel=1e-12)
+        assert rank["beta2"]["3"] == pytest.approx(0.996005996001, rel=1e-12)
+    # Tolerance: DDP sums the same per-token terms in another order (fp32 round-off ~1e-7 per step over 4 steps)
+    single_losses = {str(step): loss for step, loss in train_losses(single).items()}
+    assert ranks[0]["losses"] == pytest.approx(single_losses, rel=1e-5)
