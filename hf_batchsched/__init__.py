@@ -28,6 +28,7 @@ _EXPORTS = {
     "make_lr_policy": "schedules.lr",
     "make_batch_schedule": "schedules.batch",
     "equivalent_to_lr": "schedules.batch",
+    "seesaw": "schedules.seesaw_pair",
     "AdaptiveBatchSchedule": "schedules.adaptive",
     # callbacks
     "SharpnessProbeCallback": "callbacks.sharpness",
@@ -63,6 +64,7 @@ __all__ = [
     "equivalent_to_lr",
     "make_batch_schedule",
     "make_lr_policy",
+    "seesaw",
 ]
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real objects
@@ -81,6 +83,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real objects
     from .schedules.batch import equivalent_to_lr, make_batch_schedule
     from .schedules.lr import make_lr_policy
     from .schedules.scheduler import PolicyLRScheduler
+    from .schedules.seesaw_pair import seesaw
     from .trainer import BatchRampMixin, BatchRampTrainer
 
 

@@ -8,8 +8,9 @@ every optimizer step, from the step's actual global batch, for any batch schedul
   scheduler); ``lr="linear"``: LR x ``k`` (SGD: Goyal et al. 2017); ``None``: the LR is not coupled.
 - ``weight_decay=True``: AdamW's time scale ``tau = B / (lr lambda D)`` (Wang & Aitchison 2024; Bergsma et al. 2025)
   is kept: ``lambda' = lambda k / s`` with ``s`` the LR factor above (``sqrt(k)`` under ``"sqrt"``, ``k`` under
-  ``"linear"``, ``1`` without LR coupling). The LR policy's own decay is not compensated: ``tau`` is the time scale
-  at the policy's LR.
+  ``"linear"``, ``1`` without LR coupling; under a Seesaw schedule, whose LR already carries ``sqrt(k)``, that
+  factor: ``lambda' = lambda sqrt(k)``). The LR policy's own decay is not compensated: ``tau`` is the time scale at
+  the policy's LR.
 - ``betas=True``: the half-lives of Adam's ``beta1`` and ``beta2``, counted in samples, are kept: ``beta' = beta**k``
   (Marek et al. 2025; the SDE rule of Malladi et al.).
 
@@ -112,9 +113,12 @@ class Coupling:
         """LR factor: ``k ** p`` (``p`` = 1/2 for ``"sqrt"``, 1 for ``"linear"``, 0 without LR coupling)."""
         return float(k) ** COUPLED_LR_RULES.get(self.lr, 0.0)
 
-    def weight_decay_scale(self, k: float) -> float:
-        """Weight-decay factor keeping ``B / (lr lambda)`` fixed: ``k / lr_scale(k)`` (1 when not coupled)."""
-        return float(k) / self.lr_scale(k) if self.weight_decay else 1.0
+    def weight_decay_scale(self, k: float, schedule_lr_exponent: float = 0.0) -> float:
+        """Weight-decay factor keeping ``B / (lr lambda)`` fixed: ``k / lr_scale(k)`` (1 when not coupled); with a
+        batch schedule whose paired LR already grows as ``k ** schedule_lr_exponent`` (Seesaw: 1/2), that too."""
+        if not self.weight_decay:
+            return 1.0
+        return float(k) / (self.lr_scale(k) * float(k) ** schedule_lr_exponent)
 
     def beta(self, beta: float, k: float) -> float:
         """``beta ** k`` (the same half-life in samples) when the betas are coupled, else ``beta``."""
@@ -145,8 +149,14 @@ def _parse_string(text: str) -> dict:
 
 def resolve_coupling(couple, batch_schedule) -> Coupling | None:
     """The trainer's coupling: ``couple`` merged with an ``AdaptiveBatchSchedule``'s ``lr_scaling`` (one mechanism
-    applies both); refuses the two when they name different LR rules."""
+    applies both); refuses the two when they name different LR rules, and an LR rule next to a batch schedule whose
+    paired LR already follows the batch (Seesaw)."""
     coupling = Coupling.parse(couple)
+    if coupling is not None and coupling.lr and getattr(batch_schedule, "lr_batch_exponent", 0):
+        raise ConfigError(
+            f"the {type(batch_schedule).__name__} schedule's LR already grows with the batch (x sqrt(B/B0)); "
+            f"couple lr={coupling.lr} would scale it twice: drop lr= from couple (wd and betas compose with it)"
+        )
     scaling = getattr(batch_schedule, "lr_scaling", None)
     if scaling is None:
         return coupling
@@ -220,7 +230,8 @@ class CouplingCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         coupling, k = self.coupling, self.factor()
-        lr_scale, wd_scale = coupling.lr_scale(k), coupling.weight_decay_scale(k)
+        schedule_exponent = getattr(self.trainer.batch_schedule, "lr_batch_exponent", 0.0)
+        lr_scale, wd_scale = coupling.lr_scale(k), coupling.weight_decay_scale(k, schedule_exponent)
         groups = self.trainer.optimizer.param_groups
         self._restore = [
             {key: group[key] for key in ("lr", "weight_decay", "betas") if key in group} for group in groups

@@ -123,6 +123,7 @@ from .data.sampler import DrawnStep, RampBatchSampler, as_batch_schedule
 from .errors import ConfigError, check_choice, check_positive
 from .schedules.base import Policy
 from .schedules.noise import sgd_noise
+from .schedules.seesaw_pair import check_seesaw_pair
 
 __all__ = ["BatchRampMixin", "BatchRampTrainer", "FSDP_ON_CPU_ENV", "RAMP_STATE_KEY", "full_parameters"]
 
@@ -488,7 +489,8 @@ class BatchRampMixin:
         self._ramp_sampler: RampBatchSampler | None = None
         self._ramp_callback = _RampCallback(self)
         self.add_callback(self._ramp_callback)
-        # ---- coupled hyperparameters (hf_batchsched.coupling) ----
+        # ---- Seesaw's own LR schedule; coupled hyperparameters (hf_batchsched.coupling) ----
+        self.lr_policy = check_seesaw_pair(self.batch_schedule, self.lr_policy, self.batch_size_multiple)
         self.couple = resolve_coupling(couple, self.batch_schedule)
         self._coupling = CouplingCallback(self, self.couple) if self.couple is not None else None
         if self._coupling is not None:
