@@ -100,7 +100,9 @@ def _eval_loss(model, eval_rows: torch.Tensor, batch_size: int = 64) -> float:
     return total / len(eval_rows)
 
 
-def _branch(model, optimizer_state, rows, batch_size, lr, weight_decay, betas, max_grad_norm, micro) -> torch.nn.Module:
+def _branch(
+    model, optimizer_state, rows, batch_size, lr, weight_decay, betas, max_grad_norm, micro
+) -> torch.nn.Module:
     branch = copy.deepcopy(model)
     branch.train()
     groups = trainer_param_groups(branch, weight_decay)
@@ -188,7 +190,8 @@ def critical_batch_size(
         )
     if len(train_rows) < budget_samples:
         raise ConfigError(
-            f"budget_samples={budget_samples} exceeds the {len(train_rows)} training sequences; lower it or give more text"
+            f"budget_samples={budget_samples} exceeds the {len(train_rows)} training sequences; "
+            "lower it or give more text"
         )
     generator = torch.Generator().manual_seed(seed)
     rows = train_rows[torch.randperm(len(train_rows), generator=generator)[:budget_samples]]
@@ -298,10 +301,14 @@ def measure_checkpoints(
         if state is not None:
             group = state["param_groups"][0]
             lr = lr if lr is not None else float(group["lr"])
-            settings = {"betas": tuple(group.get("betas", (0.9, 0.999))), "weight_decay": group.get("weight_decay", 0.0)}
+            settings = {
+                "betas": tuple(group.get("betas", (0.9, 0.999))),
+                "weight_decay": group.get("weight_decay", 0.0),
+            }
         if lr is None or not lr > 0:
             raise ConfigError(
-                f"{path} has no optimizer.pt with a positive LR to branch at (e.g. the end of a decay); pass --learning-rate"
+                f"{path} has no optimizer.pt with a positive LR to branch at (e.g. the end of a decay); "
+                "pass --learning-rate"
             )
         result = critical_batch_size(
             model,
@@ -331,6 +338,8 @@ def format_table(results: Sequence[CriticalBatchResult]) -> str:
     header = ["step", "B_crit", "B_simple", "loss_start"] + [f"loss@B={b}" for b in sizes]
     lines = [header]
     for r in results:
-        lines.append([_fmt(r.step), str(r.b_crit), _fmt(r.noise_scale), _fmt(r.loss_start)] + [_fmt(x) for x in r.losses])
+        lines.append(
+            [_fmt(r.step), str(r.b_crit), _fmt(r.noise_scale), _fmt(r.loss_start)] + [_fmt(x) for x in r.losses]
+        )
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in lines)

@@ -21,8 +21,13 @@ def test_b_crit_is_largest_batch_within_tolerance(monkeypatch):
     monkeypatch.setattr(cb, "_branch", lambda model, *a, **k: model)
     monkeypatch.setattr(cb, "_eval_loss", lambda model, rows: next(losses))
     result = cb.critical_batch_size(
-        torch.nn.Linear(1, 1), _rows(64, 0), _rows(8, 1), batch_sizes=[4, 8, 16], budget_samples=32,
-        learning_rate=1e-3, noise_repeats=0,
+        torch.nn.Linear(1, 1),
+        _rows(64, 0),
+        _rows(8, 1),
+        batch_sizes=[4, 8, 16],
+        budget_samples=32,
+        learning_rate=1e-3,
+        noise_repeats=0,
     )
     # first value is loss_start; branches 4 -> 2.01, 8 -> 2.019 (+0.45%), 16 -> 2.05 (+2.0%)
     assert result.loss_start == 2.00 and result.losses == [2.01, 2.019, 2.05]
@@ -34,7 +39,12 @@ def test_branches_train_and_leave_model_unchanged():
     model = tiny_llama(seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = cb.critical_batch_size(
-        model, _rows(128, 0), _rows(16, 1), batch_sizes=[4, 16], budget_samples=64, learning_rate=3e-3,
+        model,
+        _rows(128, 0),
+        _rows(16, 1),
+        batch_sizes=[4, 16],
+        budget_samples=64,
+        learning_rate=3e-3,
         noise_repeats=2,
     )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -59,8 +69,9 @@ def test_bad_settings_refused(kwargs, match):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from hf_batchsched.demo import demo_tokenizer
     from transformers import Trainer
+
+    from hf_batchsched.demo import demo_tokenizer
 
     out = tmp_path_factory.mktemp("run")
     text = "def f(x):\n    return x + 1\n" * 400
@@ -70,10 +81,17 @@ def run_dir(tmp_path_factory):
     from datasets import Dataset
 
     data = Dataset.from_dict({"input_ids": rows, "labels": rows})
-    args = tiny_training_args(out, max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=4,
-                              lr_scheduler_type="constant")
-    trainer = Trainer(model=tiny_llama(seed=0, vocab_size=len(tokenizer)), args=args, train_dataset=data,
-                      processing_class=tokenizer)
+    args = tiny_training_args(
+        out,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        per_device_train_batch_size=4,
+        lr_scheduler_type="constant",
+    )
+    trainer = Trainer(
+        model=tiny_llama(seed=0, vocab_size=len(tokenizer)), args=args, train_dataset=data, processing_class=tokenizer
+    )
     trainer.train()
     (out / "text.txt").write_text(text)
     return out
@@ -81,11 +99,26 @@ def run_dir(tmp_path_factory):
 
 def test_command_measures_every_checkpoint(run_dir, capsys):
     target = run_dir / "cb.json"
-    code = main([
-        "critical-batch", str(run_dir), "--text", str(run_dir / "text.txt"), "--seq-length", "16",
-        "--batch-sizes", "2,4,8", "--budget-samples", "16", "--eval-samples", "8", "--noise-repeats", "1",
-        "--json", str(target),
-    ])
+    code = main(
+        [
+            "critical-batch",
+            str(run_dir),
+            "--text",
+            str(run_dir / "text.txt"),
+            "--seq-length",
+            "16",
+            "--batch-sizes",
+            "2,4,8",
+            "--budget-samples",
+            "16",
+            "--eval-samples",
+            "8",
+            "--noise-repeats",
+            "1",
+            "--json",
+            str(target),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "B_crit" in out and "B_simple" in out

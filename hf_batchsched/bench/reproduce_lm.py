@@ -50,7 +50,7 @@ ARMS = ("constant", "seesaw", "cbs_warmup", "seesaw_coupled")
 class LMConfig:
     """Sizes of the language-model reproductions (the defaults are the full run; ``quick()`` the CI one)."""
 
-    total_samples: int = 4096
+    total_samples: int = 2048
     base_batch_size: int = 16
     max_batch_size: int = 128
     max_micro_batch_size: int = 32
@@ -61,9 +61,9 @@ class LMConfig:
     eval_samples: int = 256
     cbs_fractions: tuple[float, ...] = (0.0, 0.25, 0.5)
     cbs_batch_sizes: tuple[int, ...] = (16, 32, 64, 128)
-    cbs_budget_samples: int = 512
+    cbs_budget_samples: int = 256
     cbs_tolerance: float = 0.01
-    range_test_steps: int = 60
+    range_test_steps: int = 40
     seq_length: int = 64
     fast_base: bool = False
     tasks: tuple[str, ...] = TASKS
@@ -152,7 +152,9 @@ def _task_data(task: str, config: LMConfig) -> dict:
     train_rows = windows(_ids(tokenizer, train), config.seq_length)
     eval_rows = windows(_ids(tokenizer, held_out), config.seq_length)[: config.eval_samples]
     if len(train_rows) < config.max_batch_size:
-        raise ConfigError(f"{task}: {len(train_rows)} training rows, fewer than max_batch_size {config.max_batch_size}")
+        raise ConfigError(
+            f"{task}: {len(train_rows)} training rows, fewer than max_batch_size {config.max_batch_size}"
+        )
     return {"train_rows": train_rows, "eval_rows": eval_rows, "make_model": make_model}
 
 
@@ -289,8 +291,14 @@ def _sweep_and_cbs(task: str, data: dict, config: LMConfig) -> dict:
     snapshots_by_lr = {}
     for lr in config.lrs:
         snapshots = _Snapshots(config.cbs_fractions, config.total_samples)
-        run = _train(data, config, learning_rate=lr, seed=config.seeds[0], schedules=_arm_schedules("constant", config),
-                     snapshots=snapshots)
+        run = _train(
+            data,
+            config,
+            learning_rate=lr,
+            seed=config.seeds[0],
+            schedules=_arm_schedules("constant", config),
+            snapshots=snapshots,
+        )
         run.pop("model")
         sweep[lr] = run
         snapshots_by_lr[lr] = snapshots
@@ -350,12 +358,19 @@ def _range_test(data, config: LMConfig, seed: int) -> dict:
         model, data, config, learning_rate=1e-3, seed=seed, batch_schedule=config.base_batch_size, lr_policy=None
     )
     try:
-        result = lr_range_test(trainer, start_lr=1e-5, end_lr=1.0, num_steps=config.range_test_steps,
-                               skip_start=2, skip_end=1)
+        result = lr_range_test(
+            trainer, start_lr=1e-5, end_lr=1.0, num_steps=config.range_test_steps, skip_start=2, skip_end=1
+        )
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)
-    return {"suggestion": result.suggestion, "rule": result.rule, "safety_factor": result.safety_factor,
-            "diverged_at": result.diverged_at, "lrs": result.lrs, "smoothed_losses": result.smoothed_losses}
+    return {
+        "suggestion": result.suggestion,
+        "rule": result.rule,
+        "safety_factor": result.safety_factor,
+        "diverged_at": result.diverged_at,
+        "lrs": result.lrs,
+        "smoothed_losses": result.smoothed_losses,
+    }
 
 
 def _name(stem: str, config: LMConfig) -> str:
@@ -411,8 +426,9 @@ def reproduce_seesaw(output_dir: str | os.PathLike, config: LMConfig | None = No
                 if arm == "constant" and seed == config.seeds[0]:
                     runs.append(measured["sweep"][str(best)])  # the sweep's best run is this arm's first seed
                     continue
-                run = _train(data, config, learning_rate=best, seed=seed,
-                             schedules=_arm_schedules(arm, config, cbs_schedule))
+                run = _train(
+                    data, config, learning_rate=best, seed=seed, schedules=_arm_schedules(arm, config, cbs_schedule)
+                )
                 run.pop("model")
                 runs.append(run)
             mean, std = _mean_std([r["eval_loss"] for r in runs])
@@ -425,7 +441,10 @@ def reproduce_seesaw(output_dir: str | os.PathLike, config: LMConfig | None = No
                 "batch_sizes": runs[0]["batch_sizes"],
                 "seconds": sum(r["seconds"] for r in runs),
             }
-        arms["cbs_warmup"]["schedule"] = {"thresholds": list(cbs_schedule.thresholds), "sizes": list(cbs_schedule.sizes)}
+        arms["cbs_warmup"]["schedule"] = {
+            "thresholds": list(cbs_schedule.thresholds),
+            "sizes": list(cbs_schedule.sizes),
+        }
         a = arms["constant"]
         summary = {}
         for arm in ARMS[1:]:
@@ -478,8 +497,14 @@ def _plot_seesaw(result: dict, path: pathlib.Path) -> None:
     figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, (task, measured) in zip(axes[0], tasks.items()):
         for arm, cell in measured["arms"].items():
-            ax.errorbar([cell["optimizer_steps"]], [cell["eval_loss"]], yerr=[cell["eval_loss_std"]], fmt="o",
-                        capsize=4, label=arm)
+            ax.errorbar(
+                [cell["optimizer_steps"]],
+                [cell["eval_loss"]],
+                yerr=[cell["eval_loss_std"]],
+                fmt="o",
+                capsize=4,
+                label=arm,
+            )
         ax.set_xlabel("optimizer steps (equal tokens)")
         ax.set_ylabel("final eval loss (mean +- std)")
         ax.set_title(task)
@@ -493,15 +518,22 @@ def headline(name: str, result: dict) -> str:
     lines = []
     for task, m in result["tasks"].items():
         rt = m["range_test"]
-        lr_part = f"range test suggests {rt['suggestion']:.3g} vs sweep best {m['best_lr']:.3g}" if rt["suggestion"] \
+        lr_part = (
+            f"range test suggests {rt['suggestion']:.3g} vs sweep best {m['best_lr']:.3g}"
+            if rt["suggestion"]
             else f"range test gave no suggestion; sweep best {m['best_lr']:.3g}"
-        cbs = ", ".join(f"{r['tokens'] / 1e6:.2f}M tok: B_crit {r['b_crit']} / B_simple "
-                        f"{_num(r['noise_scale'])}" for r in m["critical_batch"])
+        )
+        cbs = ", ".join(
+            f"{r['tokens'] / 1e6:.2f}M tok: B_crit {r['b_crit']} / B_simple {_num(r['noise_scale'])}"
+            for r in m["critical_batch"]
+        )
         if name == "critical-batch":
             lines.append(f"{task}: {cbs}; {lr_part}")
             continue
-        cells = "; ".join(f"{arm} {c['eval_loss']:.4f}+-{c['eval_loss_std']:.4f} in {c['optimizer_steps']} steps"
-                          for arm, c in m["arms"].items())
+        cells = "; ".join(
+            f"{arm} {c['eval_loss']:.4f}+-{c['eval_loss_std']:.4f} in {c['optimizer_steps']} steps"
+            for arm, c in m["arms"].items()
+        )
         s = m["summary"]["seesaw"]
         lines.append(
             f"{task}: {cells}; seesaw vs constant {100 * s['eval_loss_rel_diff_vs_constant']:+.2f}% eval loss, "

@@ -28,14 +28,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", nargs="+", help="plain-text files to branch on (the last 10%% of tokens: eval)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's, else RUN_DIR's)")
     parser.add_argument("--seq-length", type=int, default=64, help="tokens per sequence (default 64)")
-    parser.add_argument("--batch-sizes", default="8,16,32,64", help="branch batch sizes in sequences (default 8,16,32,64)")
+    parser.add_argument(
+        "--batch-sizes", default="8,16,32,64", help="branch batch sizes in sequences (default 8,16,32,64)"
+    )
     parser.add_argument("--budget-samples", type=int, default=512, help="sequences per branch (default 512)")
-    parser.add_argument("--lr-rule", default="sqrt", choices=("sqrt", "linear", "none"), help="LR scaling (default sqrt)")
+    parser.add_argument(
+        "--lr-rule", default="sqrt", choices=("sqrt", "linear", "none"), help="LR scaling (default sqrt)"
+    )
     parser.add_argument("--learning-rate", type=float, help="LR of the smallest batch (default: the checkpoint's)")
     parser.add_argument("--tolerance", type=float, default=0.01, help="relative loss excess allowed (default 0.01)")
     parser.add_argument("--fresh-optimizer", action="store_true", help="ignore optimizer.pt's moments")
     parser.add_argument("--eval-samples", type=int, default=256, help="held-out sequences (default 256)")
-    parser.add_argument("--noise-repeats", type=int, default=4, help="batches for the noise scale (default 4; 0: skip)")
+    parser.add_argument(
+        "--noise-repeats", type=int, default=4, help="batches for the noise scale (default 4; 0: skip)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="where the JSON goes (default RUN_DIR/critical_batch.json)")
 
