@@ -41,7 +41,9 @@ def test_reproduce_seesaw_quick(tmp_path, capsys):
         assert arms["seesaw"]["optimizer_steps"] < arms["constant"]["optimizer_steps"]
         assert arms["seesaw"]["optimizer_steps"] == arms["seesaw_coupled"]["optimizer_steps"]
         sizes = arms["cbs_warmup"]["schedule"]["sizes"]
-        assert sizes[0] == config.base_batch_size and sizes == sorted(sizes)
+        # from B0 * 2**k up to the first measured B_crit, never decreasing
+        assert sizes == sorted(sizes) and all(s % config.base_batch_size == 0 for s in sizes)
+        assert sizes[0] <= max(config.base_batch_size, measured["critical_batch"][0]["b_crit"])
         assert measured["best_lr"] in config.lrs and measured["range_test"]["suggestion"] > 0
         for row in measured["critical_batch"]:
             assert row["b_crit"] in config.cbs_batch_sizes and len(row["losses"]) == len(config.cbs_batch_sizes)
@@ -57,4 +59,5 @@ def test_reproduce_critical_batch_quick_one_task(tmp_path, capsys):
     rows = result["tasks"]["lora"]["critical_batch"]
     assert [r["fraction"] for r in rows] == sorted(reproduce_lm.LMConfig.quick().cbs_fractions)
     assert rows[0]["samples"] == 0 and rows[-1]["samples"] > 0
-    assert all(r["losses"][0] < r["loss_start"] for r in rows)  # the B_min branch trains
+    assert rows[-1]["loss_start"] < rows[0]["loss_start"]  # the reference run trained between the checkpoints
+    assert rows[0]["losses"][0] < rows[0]["loss_start"]  # branches from the base model at the peak LR learn

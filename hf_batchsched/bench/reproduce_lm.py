@@ -19,8 +19,9 @@ budget ``total_samples`` and a linear warmup then cosine decay to 0. The arms:
 - ``seesaw_coupled``: ``seesaw`` plus the weight-decay (constant time scale) and beta (constant half-life) couplings.
 
 The critical-batch experiment measures ``B_crit`` and the noise scale ``B_simple`` at the reference run's checkpoints
-(the sweep's best-LR run) for both tasks. The LR range test (``bench.range_test``) is run on the same task at ``B0``
-and its suggestion set against the sweep's best LR.
+(the sweep's best-LR run) for both tasks; the branches of ``B0`` run at the reference run's LR at the checkpoint
+(its peak LR for the initial model), larger batches at ``sqrt(B / B0)`` times that. The LR range test
+(``bench.range_test``) is run on the same task at ``B0`` and its suggestion set against the sweep's best LR.
 """
 
 from __future__ import annotations
@@ -305,6 +306,7 @@ def _sweep_and_cbs(task: str, data: dict, config: LMConfig) -> dict:
         if best is None or run["eval_loss"] < sweep[best]["eval_loss"]:
             best = lr
     cbs = []
+    cosine = _cosine(config)
     init = data["make_model"](config.seeds[0])
     for fraction in sorted(config.cbs_fractions):
         mark = round(fraction * config.total_samples)
@@ -318,7 +320,8 @@ def _sweep_and_cbs(task: str, data: dict, config: LMConfig) -> dict:
             data["eval_rows"],
             batch_sizes=config.cbs_batch_sizes,
             budget_samples=config.cbs_budget_samples,
-            learning_rate=best,
+            # the reference run's LR at the checkpoint (the peak for the initial model, before its warmup)
+            learning_rate=best * cosine(max(consumed, config.warmup_samples)),
             lr_rule="sqrt",
             tolerance=config.cbs_tolerance,
             optimizer_state=state,
@@ -327,6 +330,7 @@ def _sweep_and_cbs(task: str, data: dict, config: LMConfig) -> dict:
         )
         row = result.to_dict()
         row.update(fraction=fraction, samples=consumed, tokens=consumed * config.seq_length)
+        row["extra"]["reference_lr"] = best
         cbs.append(row)
     return {"sweep": {str(lr): run for lr, run in sweep.items()}, "best_lr": best, "critical_batch": cbs}
 
