@@ -71,6 +71,8 @@ def test_recipe_couple_section_reaches_the_trainer(tiny_local, tmp_path):  # noq
     assert trainer.lr_policy.name == "seesaw(cosine)"
 
 
-def test_recipe_refuses_couple_without_a_batch_schedule():
+def test_recipe_refuses_couple_without_a_batch_schedule_and_a_second_lr_with_seesaw():
     with pytest.raises(ConfigError, match="'couple' needs a 'batch_schedule'"):
         parse_config({"couple": "lr=sqrt", "report_to": "none", "use_cpu": True})
+    with pytest.raises(ConfigError, match="the seesaw batch_schedule sets the LR itself"):
+        parse_config({"batch_schedule": SEESAW, "lr_policy": "constant", "report_to": "none", "use_cpu": True})
