@@ -456,7 +456,12 @@ def validate(args: RecipeArguments, *, check_device: bool = True) -> None:
     if args.schedule.batch_schedule is not None:
         from .schedules.batch import batch_schedule_from_config
 
-        _wrap(lambda: batch_schedule_from_config(args.schedule.batch_schedule), "batch_schedule")
+        schedule = _wrap(lambda: batch_schedule_from_config(args.schedule.batch_schedule), "batch_schedule")
+        if getattr(schedule, "lr_batch_exponent", 0) and args.schedule.lr_policy is not None:
+            raise ConfigError(
+                "config key 'lr_policy': the seesaw batch_schedule sets the LR itself from its own lr_policy; remove "
+                "the top-level lr_policy (put the base policy inside batch_schedule)"
+            )
     if args.schedule.lr_policy is not None:
         from .schedules.lr import lr_policy_from_config
 

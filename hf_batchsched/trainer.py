@@ -701,7 +701,8 @@ class BatchRampMixin:
             "max_steps": cap,
             "train_sampling_strategy": self.sampling_strategy,
             "dataloader_drop_last": bool(args.dataloader_drop_last),
-            "couple": str(self.couple) if self.couple is not None else None,
+            # what the schedule does not already say (an adaptive schedule's lr_scaling is in its own config)
+            "couple": None if self.couple == resolve_coupling(None, self.batch_schedule) else str(self.couple),
         }
         self._plan_fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as it reads back from JSON
         saved = self._resumed_ramp_state

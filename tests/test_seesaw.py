@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -135,3 +136,51 @@ def test_trainer_refuses_a_second_lr(tmp_path):
         seesaw_trainer(tmp_path, lr_policy={"name": "cosine", "total": 64, "unit": "samples"})
     with pytest.raises(ConfigError, match="would scale it twice"):
         seesaw_trainer(tmp_path, couple="lr=sqrt")
+
+
+# ---- hf-batchsched plot --------------------------------------------------------------------------------------------
+PLOT_FLAGS = ["--lr-policy", "cosine", "--lr-param", "total=1M", "--lr-unit", "samples", "--samples", "1M"]
+
+
+def test_plot_draws_both_curves_and_prints_the_step_counts(tmp_path, capsys):
+    from hf_batchsched.cli import main
+
+    png = tmp_path / "seesaw.png"
+    assert main(["plot", *PLOT_FLAGS, "--seesaw", "64", "--max-batch-size", "512", "--output", str(png)]) == 0
+    assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
+    out = capsys.readouterr().out
+    batch, _ = seesaw(make_lr_policy("cosine", total=1_000_000, unit="samples"), 64, 512)
+    steps, base_steps = simulate(batch, 1_000_000).num_steps, simulate(ConstantBatch(64), 1_000_000).num_steps
+    assert steps < base_steps
+    assert f"optimizer steps: {steps:,} for 1,000,000 samples" in out and f"takes {base_steps:,}" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:12]}
+    # at 60% the cosine multiplier is 0.345 (one halving passed): batch 128, LR 0.345 x sqrt(2) = 0.4886
+    assert rows["60%"][-2:] == ["128", "8,594"] and float(rows["60%"][2]) == pytest.approx(0.4886, rel=1e-3)
+
+    # the same pair as a batch_schedule in a YAML file: the same run
+    config = tmp_path / "seesaw.yaml"
+    config.write_text(
+        "samples: 1000000\n"
+        "batch_schedule:\n  name: seesaw\n  base_batch_size: 64\n  max_batch_size: 512\n"
+        "  lr_policy: {name: cosine, total: 1000000, unit: samples}\n"
+    )
+    assert main(["plot", "--config", str(config), "--no-png", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["num_steps"], data["baseline_num_steps"], data["lr_is_residual"]) == (steps, base_steps, True)
+    assert data["batch_schedule"]["name"] == "seesaw"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seesaw", "64"], "seesaw needs max_batch_size"),
+        (["--seesaw", "64", "--max-batch-size", "32"], "max_batch_size 32 is below base_batch_size 64"),
+        (["--seesaw", "64", "--max-batch-size", "512", "--batch", "64"], "give one of batch_schedule"),
+    ],
+)
+def test_plot_bad_seesaw_input_is_one_line_and_exit_2(extra, message, capsys):
+    from hf_batchsched.cli import main
+
+    assert main(["plot", *PLOT_FLAGS, "--no-png", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
