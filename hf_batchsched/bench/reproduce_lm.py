@@ -51,7 +51,7 @@ ARMS = ("constant", "seesaw", "cbs_warmup", "seesaw_coupled")
 class LMConfig:
     """Sizes of the language-model reproductions (the defaults are the full run; ``quick()`` the CI one)."""
 
-    total_samples: int = 2048
+    total_samples: int = 1024
     base_batch_size: int = 16
     max_batch_size: int = 128
     max_micro_batch_size: int = 32
@@ -64,7 +64,7 @@ class LMConfig:
     cbs_batch_sizes: tuple[int, ...] = (16, 32, 64, 128)
     cbs_budget_samples: int = 256
     cbs_tolerance: float = 0.01
-    range_test_steps: int = 40
+    range_test_steps: int = 30
     seq_length: int = 64
     fast_base: bool = False
     tasks: tuple[str, ...] = TASKS
@@ -124,7 +124,7 @@ def _task_data(task: str, config: LMConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(base_path))
     if task == "pretrain":
         train, held_out = demo.demo_corpus(max_train_chars=None)
-        if config.total_samples <= 1024:  # quick: a prefix of the text is enough
+        if config.total_samples <= 256:  # quick: a prefix of the text is enough
             train = demo.demo_corpus()[0]
 
         def make_model(seed: int):
