@@ -549,3 +549,46 @@ def headline(name: str, result: dict) -> str:
 
 def _num(value) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.3g}"
+
+
+def markdown(result: dict) -> str:
+    """The README tables: arms (eval loss mean +- std, optimizer steps, tokens) and the critical batch sizes."""
+    lines = []
+    for task, m in result["tasks"].items():
+        if "arms" in m:
+            lines += [
+                f"**{task}** (best swept LR {m['best_lr']:g})",
+                "",
+                "| arm | eval loss (mean +- std) | vs constant (same seeds) | optimizer steps | tokens | batch sizes |",
+                "|---|---|---|---|---|---|",
+            ]
+            for arm, c in m["arms"].items():
+                rel = m["summary"].get(arm, {}).get("eval_loss_rel_diff_vs_constant")
+                paired = [x / c0 - 1 for x, c0 in zip(c["eval_losses"], m["arms"]["constant"]["eval_losses"])]
+                p_mean, p_std = _mean_std(paired)
+                rel_text = (
+                    "" if rel is None else f"{100 * rel:+.2f}% (paired {100 * p_mean:+.2f} +- {100 * p_std:.2f}%)"
+                )
+                lines.append(
+                    f"| {arm} | {c['eval_loss']:.4f} +- {c['eval_loss_std']:.4f} | {rel_text} | "
+                    f"{c['optimizer_steps']} | {c['tokens']:,} | {', '.join(map(str, c['batch_sizes']))} |"
+                )
+            lines.append("")
+        lines += [
+            f"| {task}: tokens trained | B_crit | B_simple | loss at checkpoint | branch losses |",
+            "|---|---|---|---|---|",
+        ]
+        for r in m["critical_batch"]:
+            losses = ", ".join(f"{b}: {x:.4f}" for b, x in zip(r["batch_sizes"], r["losses"]))
+            lines.append(
+                f"| {r['tokens']:,} | {r['b_crit']} | {_num(r['noise_scale'])} | {r['loss_start']:.4f} | {losses} |"
+            )
+        sweep = ", ".join(f"{float(lr):g}: {run['eval_loss']:.4f}" for lr, run in m["sweep"].items())
+        rt = m["range_test"]
+        lines += [
+            "",
+            f"LR sweep (constant batch, seed {result['config']['seeds'][0]}): {sweep}; range test "
+            f"suggestion {_num(rt['suggestion'])}.",
+            "",
+        ]
+    return "\n".join(lines)
