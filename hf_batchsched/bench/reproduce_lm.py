@@ -559,7 +559,7 @@ def markdown(result: dict) -> str:
             lines += [
                 f"**{task}** (best swept LR {m['best_lr']:g})",
                 "",
-                "| arm | eval loss (mean +- std) | vs constant (same seeds) | optimizer steps | tokens | batch sizes |",
+                "| arm | eval loss (mean +- std) | vs constant (paired) | optimizer steps | tokens | batch sizes |",
                 "|---|---|---|---|---|---|",
             ]
             for arm, c in m["arms"].items():
