@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    names = [n for n in NAMES if n != "all"] if args.experiment == "all" else [args.experiment]
+    # "all" skips critical-batch: seesaw measures the same critical batch sizes
+    names = [n for n in NAMES if n not in ("all", "critical-batch")] if args.experiment == "all" else [args.experiment]
     plot = not args.no_plots
     for name in names:
         start, cpu_start = time.perf_counter(), time.process_time()
