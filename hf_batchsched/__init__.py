@@ -39,6 +39,8 @@ _EXPORTS = {
     "PlateauCallback": "callbacks.plateau",
     "SpikeGuardCallback": "callbacks.spike_guard",
     "LRMonitorCallback": "callbacks.lr_monitor",
+    # measurement
+    "critical_batch_size": "critical_batch",
     # errors
     "ConfigError": "errors",
 }
@@ -61,6 +63,7 @@ __all__ = [
     "StabilityMonitorCallback",
     "TrainingClock",
     "__version__",
+    "critical_batch_size",
     "equivalent_to_lr",
     "make_batch_schedule",
     "make_lr_policy",
@@ -77,6 +80,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real objects
     from .callbacks.stability import StabilityMonitorCallback
     from .clock import TrainingClock
     from .coupling import Coupling
+    from .critical_batch import critical_batch_size
     from .data.sampler import RampBatchSampler
     from .errors import ConfigError
     from .schedules.adaptive import AdaptiveBatchSchedule
