@@ -22,11 +22,13 @@ _EXPORTS = {
     "BatchRampMixin": "trainer",
     "RampBatchSampler": "data.sampler",
     "TrainingClock": "clock",
+    "Coupling": "coupling",
     # schedules
     "PolicyLRScheduler": "schedules.scheduler",
     "make_lr_policy": "schedules.lr",
     "make_batch_schedule": "schedules.batch",
     "equivalent_to_lr": "schedules.batch",
+    "seesaw": "schedules.seesaw_pair",
     "AdaptiveBatchSchedule": "schedules.adaptive",
     # callbacks
     "SharpnessProbeCallback": "callbacks.sharpness",
@@ -38,6 +40,8 @@ _EXPORTS = {
     "SpikeGuardCallback": "callbacks.spike_guard",
     "LRMonitorCallback": "callbacks.lr_monitor",
     "bind_callbacks": "callbacks",
+    # measurement
+    "critical_batch_size": "critical_batch",
     # errors
     "ConfigError": "errors",
 }
@@ -48,6 +52,7 @@ __all__ = [
     "BatchRampMixin",
     "BatchRampTrainer",
     "ConfigError",
+    "Coupling",
     "FreezeBNCallback",
     "LRMonitorCallback",
     "NoiseScaleCallback",
@@ -60,9 +65,11 @@ __all__ = [
     "TrainingClock",
     "__version__",
     "bind_callbacks",
+    "critical_batch_size",
     "equivalent_to_lr",
     "make_batch_schedule",
     "make_lr_policy",
+    "seesaw",
 ]
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real objects
@@ -75,12 +82,15 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real objects
     from .callbacks.spike_guard import SpikeGuardCallback
     from .callbacks.stability import StabilityMonitorCallback
     from .clock import TrainingClock
+    from .coupling import Coupling
+    from .critical_batch import critical_batch_size
     from .data.sampler import RampBatchSampler
     from .errors import ConfigError
     from .schedules.adaptive import AdaptiveBatchSchedule
     from .schedules.batch import equivalent_to_lr, make_batch_schedule
     from .schedules.lr import make_lr_policy
     from .schedules.scheduler import PolicyLRScheduler
+    from .schedules.seesaw_pair import seesaw
     from .trainer import BatchRampMixin, BatchRampTrainer
 
 

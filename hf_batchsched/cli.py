@@ -22,6 +22,7 @@ COMMANDS = {
     "lrbench": "lrbench",
     "range-test": "range_test",
     "reproduce": "reproduce",
+    "critical-batch": "critical_batch",
 }
 
 

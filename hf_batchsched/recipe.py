@@ -78,7 +78,7 @@ CALLBACK_SECTIONS = {
     "lr_monitor": "hf_batchsched.callbacks.lr_monitor:LRMonitorCallback",
     "noise_scale": "hf_batchsched.callbacks.noise_scale:NoiseScaleCallback",
 }
-SECTION_FIELDS = ("batch_schedule", "lr_policy", *CALLBACK_SECTIONS)
+SECTION_FIELDS = ("batch_schedule", "lr_policy", "couple", *CALLBACK_SECTIONS)
 
 
 @dataclass
@@ -173,6 +173,8 @@ class BatchSchedArguments:
         max_micro_batch_size (`int`, *optional*): largest chunk per forward/backward per device; defaults to
             ``per_device_train_batch_size``.
         lr_policy (`dict` or `str`, *optional*): an LR policy config (``hf_batchsched.schedules.lr``).
+        couple (`dict` or `str`, *optional*): optimizer hyperparameters that follow the batch size
+            (``hf_batchsched.coupling``): ``"lr=sqrt,wd,betas"`` or ``{lr: sqrt, weight_decay: true, betas: true}``.
         allow_schedule_change_on_resume (`bool`, *optional*, defaults to `False`): with ``resume_from_checkpoint``,
             continue from the checkpoint's clock although the batch plan settings (schedule, micro-batch, world size,
             ``num_train_epochs``, ``max_steps``) changed; without it such a resume is refused.
@@ -181,6 +183,7 @@ class BatchSchedArguments:
     batch_schedule: dict | str | None = None
     max_micro_batch_size: int | None = None
     lr_policy: dict | str | None = None
+    couple: dict | str | None = field(default=None, metadata={"help": "coupled hyperparameters: lr=sqrt,wd,betas"})
     allow_schedule_change_on_resume: bool = False
 
 
@@ -470,11 +473,22 @@ def validate(args: RecipeArguments, *, check_device: bool = True) -> None:
     if args.schedule.batch_schedule is not None:
         from .schedules.batch import batch_schedule_from_config
 
-        _wrap(lambda: batch_schedule_from_config(args.schedule.batch_schedule), "batch_schedule")
+        schedule = _wrap(lambda: batch_schedule_from_config(args.schedule.batch_schedule), "batch_schedule")
+        if getattr(schedule, "lr_batch_exponent", 0) and args.schedule.lr_policy is not None:
+            raise ConfigError(
+                "config key 'lr_policy': the seesaw batch_schedule sets the LR itself from its own lr_policy; remove "
+                "the top-level lr_policy (put the base policy inside batch_schedule)"
+            )
     if args.schedule.lr_policy is not None:
         from .schedules.lr import lr_policy_from_config
 
         _wrap(lambda: lr_policy_from_config(args.schedule.lr_policy), "lr_policy")
+    if args.schedule.couple is not None:
+        from .coupling import Coupling
+
+        _wrap(lambda: Coupling.parse(args.schedule.couple), "couple")
+        if args.schedule.batch_schedule is None:
+            raise ConfigError("config key 'couple' needs a 'batch_schedule' (the batch it follows); add one")
     if args.training.deepspeed and (args.schedule.batch_schedule is not None or args.schedule.lr_policy is not None):
         raise ConfigError("batch_schedule and lr_policy need BatchRampTrainer, which does not support DeepSpeed yet")
     for section in CALLBACK_SECTIONS:
@@ -752,6 +766,7 @@ def build_trainer(args: RecipeArguments, model, tokenizer, train_dataset, eval_d
             batch_schedule=None if schedule is None else batch_schedule_from_config(schedule),
             max_micro_batch_size=args.schedule.max_micro_batch_size,
             lr_policy=args.schedule.lr_policy,
+            couple=args.schedule.couple,
             allow_schedule_change_on_resume=args.schedule.allow_schedule_change_on_resume,
         )
     build_callbacks(args, trainer)

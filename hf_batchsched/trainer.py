@@ -118,12 +118,14 @@ from .checkpoint import (
     write_text_atomically,
 )
 from .clock import TrainingClock
+from .coupling import CouplingCallback, resolve_coupling
 from .data.batches import IGNORE_INDEX, batch_len, count_batch, packed_sequence_starts, split_micro_chunks
 from .data.lengths import sample_lengths
 from .data.sampler import DrawnStep, RampBatchSampler, as_batch_schedule
 from .errors import ConfigError, check_choice, check_integer, check_positive
 from .schedules.base import Policy
 from .schedules.noise import sgd_noise
+from .schedules.seesaw_pair import check_seesaw_pair
 
 __all__ = [
     "BatchRampMixin",
@@ -502,6 +504,10 @@ class BatchRampMixin:
             continues from the checkpoint's clock with the new settings (logged). The dataset size and data seed
             must always match.
 
+        couple (`Coupling`, `dict` or `str`, *optional*): optimizer hyperparameters that follow the batch size at
+            every step, relative to the first step's batch (``hf_batchsched.coupling``): the LR (``"sqrt"`` or
+            ``"linear"``), AdamW's weight decay (constant time scale) and Adam's betas (constant half-life), e.g.
+            ``"lr=sqrt,wd,betas"``. An ``AdaptiveBatchSchedule``'s ``lr_scaling`` is applied the same way.
         fsdp_gradient_sync (`str`, *optional*, defaults to `"every_chunk"`): under FSDP2, reduce-scatter every
             micro-chunk's gradient (they stay sharded: gradient memory 1/world of the model's; k reduce-scatters per
             step) or only the last chunk's (``"last_chunk"``: one reduce-scatter per step, but every rank holds the
@@ -530,6 +536,7 @@ class BatchRampMixin:
         rounding: str = "down",
         allow_schedule_change_on_resume: bool = False,
         fsdp_gradient_sync: str = "every_chunk",
+        couple=None,
         **kwargs,
     ):
         check_choice("fsdp_gradient_sync", fsdp_gradient_sync, FSDP_GRADIENT_SYNC)
@@ -638,6 +645,18 @@ class BatchRampMixin:
         self._ramp_sampler: RampBatchSampler | None = None
         self._ramp_callback = _RampCallback(self)
         self.add_callback(self._ramp_callback)
+        # ---- Seesaw's own LR schedule; coupled hyperparameters (hf_batchsched.coupling) ----
+        self.lr_policy = check_seesaw_pair(self.batch_schedule, self.lr_policy, self.batch_size_multiple)
+        replaced = _scheduler_settings_replaced_by_policy(targs) if lr_policy is None and self.lr_policy else []
+        if replaced:
+            raise ConfigError(
+                f"the seesaw batch schedule sets the learning rate of every step, so {', '.join(replaced)} would be "
+                "ignored: remove them from the TrainingArguments (a warmup goes into the seesaw config's warmup)"
+            )
+        self.couple = resolve_coupling(couple, self.batch_schedule)
+        self._coupling = CouplingCallback(self, self.couple) if self.couple is not None else None
+        if self._coupling is not None:
+            self.add_callback(self._coupling)
         # Callbacks given as callbacks=[XCallback()] (or the class) get this trainer; add_callback binds later ones.
         self._binds_callbacks = True
         bind_callbacks(self)
@@ -668,6 +687,7 @@ class BatchRampMixin:
             "last_batch_size": self.last_batch_size,
             "last_micro_chunks": self.last_micro_chunks,
             "save_only_model": bool(self.args.save_only_model),
+            "coupling": self._coupling.state_dict() if self._coupling is not None else None,
             "checkpoint_files": [],  # filled in when the checkpoint's trainer_state.json is written
         }
 
@@ -687,6 +707,10 @@ class BatchRampMixin:
         self.ramp_position = state["consumed_rows"]
         self.last_batch_size = state.get("last_batch_size")
         self.last_micro_chunks = state.get("last_micro_chunks")
+        if self._coupling is not None:  # B0 of the run; a checkpoint saved without coupling: its first step's batch
+            saved_base = (state.get("coupling") or {}).get("base_batch_size")
+            history = state["batch_sizes"]
+            self._coupling.base_batch_size = saved_base or (history[0][0] if history else None)
         self._resumed_ramp_state = state
 
     def _stream_fingerprint(self) -> dict:
@@ -703,6 +727,8 @@ class BatchRampMixin:
         self.last_batch_size = self.last_micro_chunks = self.last_step_rows = None
         self.ramp_position, self._leading_trim_exact = 0, None
         self._batch_size_history, self._resumed_ramp_state = [], None
+        if self._coupling is not None:
+            self._coupling.base_batch_size = None
         self._resume_source = point.path if point is not None else None
         if point is not None:
             self.load_ramp_state_dict(point.ramp_state, source=point.state_file)
@@ -857,6 +883,8 @@ class BatchRampMixin:
             "max_steps": cap,
             "train_sampling_strategy": self.sampling_strategy,
             "dataloader_drop_last": bool(args.dataloader_drop_last),
+            # what the schedule does not already say (an adaptive schedule's lr_scaling is in its own config)
+            "couple": None if self.couple == resolve_coupling(None, self.batch_schedule) else str(self.couple),
         }
         self._plan_fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as it reads back from JSON
         saved = self._resumed_ramp_state
@@ -1234,6 +1262,8 @@ class BatchRampMixin:
             noise = self._sgd_noise(logs.get("learning_rate"))
             if noise is not None:
                 logs["batchsched/sgd_noise"] = noise
+            if self._coupling is not None:
+                logs.update(self._coupling.last)
         if "train_runtime" in logs and "train_samples_per_second" in logs:
             # The Trainer's figure is its planned samples times the share of steps run (constant-size steps); the
             # ramp's steps differ in size, so count the samples this train() call consumed.

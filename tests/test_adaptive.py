@@ -12,6 +12,7 @@ from datasets import Dataset
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
 from hf_batchsched.callbacks.noise_scale import NoiseScaleCallback
+from hf_batchsched.coupling import Coupling
 from hf_batchsched.errors import ConfigError
 from hf_batchsched.schedules.adaptive import AdaptiveBatchSchedule
 from hf_batchsched.schedules.batch import (
@@ -210,7 +211,7 @@ class LRSpy(TrainerCallback):
         self.trainer, self.during, self.after = trainer, [], []
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.during.append(self.trainer.optimizer.param_groups[0]["lr"])
+        self.during.append((self.trainer.last_batch_size, self.trainer.optimizer.param_groups[0]["lr"]))
 
     def on_step_end(self, args, state, control, **kwargs):
         self.after.append(self.trainer.optimizer.param_groups[0]["lr"])
@@ -260,8 +261,11 @@ def test_adaptive_ramp_grows_in_trainer_and_couples_lr(tmp_path):
     assert sizes[0] == 8 and max(sizes) == schedule.current_size
     # every step took the schedule's size at its start (the sampler read the schedule lazily; num_workers = 0)
     assert trainer.clock.consumed_samples == 512
-    # the LR during each optimizer step is base x size/8, restored afterwards for the scheduler
-    assert sorted(set(spy.during)) == [0.05 * 2**k for k in range(len(schedule.events) + 1)]
+    # the LR during each optimizer step is base x (the step's global batch)/8 (the trainer's LR coupling, also for a
+    # partial last step), restored afterwards for the scheduler; rel 1e-12: one float64 product
+    assert {size for size, _ in spy.during} >= {8 * 2**k for k in range(len(schedule.events) + 1)}
+    assert [lr for _, lr in spy.during] == pytest.approx([0.05 * size / 8 for size, _ in spy.during], rel=1e-12)
+    assert trainer.couple == Coupling(lr="linear")
     assert set(spy.after) == {0.05}
     event_logs = [entry for entry in trainer.state.log_history if "batchsched/adaptive_events" in entry]
     assert [entry["batchsched/adaptive_events"] for entry in event_logs][-1] == len(schedule.events)

@@ -51,7 +51,6 @@ Metrics (through ``trainer.log`` at the Trainer's logging cadence, so they reach
 | ``batchsched/trace_sigma`` | EMA of ``tr(Σ)``, the per-sample gradient variance |
 | ``batchsched/adaptive_batch_size`` | the adaptive schedule's current target size (adaptive only) |
 | ``batchsched/adaptive_events`` | number of batch-size changes so far (adaptive only; also logged at each change) |
-| ``batchsched/lr_scale`` | LR multiplier applied for the batch growth (adaptive with ``lr_scaling`` only) |
 """
 
 from __future__ import annotations
@@ -144,7 +143,6 @@ class NoiseScaleCallback(TrainerBoundCallback, TrainerCallback):
         self._small: torch.Tensor | None = None
         self._small_samples = 0
         self._small_weight: float | None = None
-        self._lr_restore: list[float] | None = None
         self._new_event = False
         self._param_list: list[torch.Tensor] | None = None
         if trainer is not None:
@@ -328,23 +326,6 @@ class NoiseScaleCallback(TrainerBoundCallback, TrainerCallback):
             self.skipped_steps = 0
         self._save(state)
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        """Scale every group's LR by the adaptive schedule's ``lr_scale_at`` for this step's batch (restored after)."""
-        if self.schedule is None or self.schedule.lr_scaling is None:
-            return
-        optimizer = self.trainer.optimizer
-        batch_start = self.trainer.clock.consumed_samples - (self.trainer.last_batch_size or 0)
-        scale = self.schedule.lr_scale_at(batch_start)
-        self._lr_restore = [group["lr"] for group in optimizer.param_groups]
-        for group in optimizer.param_groups:
-            group["lr"] = group["lr"] * scale
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        if self._lr_restore is not None:
-            for group, lr in zip(self.trainer.optimizer.param_groups, self._lr_restore):
-                group["lr"] = lr
-            self._lr_restore = None
-
     def metrics(self) -> dict[str, float]:
         """The values ``NoiseScaleCallback`` logs (see the module docstring's table)."""
         logs = {
@@ -355,8 +336,6 @@ class NoiseScaleCallback(TrainerBoundCallback, TrainerCallback):
         if self.schedule is not None:
             logs["batchsched/adaptive_batch_size"] = self.schedule.current_size
             logs["batchsched/adaptive_events"] = len(self.schedule.events)
-            if self.schedule.lr_scaling is not None:
-                logs["batchsched/lr_scale"] = self.schedule.lr_scale
         return logs
 
     def on_step_end(self, args, state, control, **kwargs):

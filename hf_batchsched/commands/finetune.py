@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 EPILOG = (
     "Any other --key value overrides that config key, e.g. --learning_rate 1e-4 --max_steps 10 (keys in full, no "
     "abbreviations). --resume_from_checkpoint true resumes from the newest complete checkpoint in output_dir (or give "
-    "a checkpoint path); --allow_schedule_change_on_resume true lets it continue with a changed batch plan."
+    "a checkpoint path); --allow_schedule_change_on_resume true lets it continue with a changed batch plan. "
+    "--couple lr=sqrt,wd,betas makes the LR, AdamW weight decay and Adam betas follow the batch size."
 )
 
 

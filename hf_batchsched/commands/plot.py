@@ -1,12 +1,16 @@
 """``hf-batchsched plot``: draw an LR policy and a batch-size schedule over a run, and print a short table.
 
 Both are read from flags or from a YAML file with ``lr_policy:`` and ``batch_schedule:`` sections (or an
-``equivalent_to_lr:`` section that turns the LR policy's decay into batch growth, Smith et al. 2018)::
+``equivalent_to_lr:`` section that turns the LR policy's decay into batch growth, Smith et al. 2018, or a
+``seesaw:`` section, Meterez et al. 2025: LR x sqrt(a) and batch x 1/a where the policy decays by a; a
+``batch_schedule: {name: seesaw, ...}`` is drawn the same way)::
 
     hf-batchsched plot --example                                   # the shipped Smith-style CIFAR-10 example
     hf-batchsched plot --config hf_batchsched/examples/schedule.yaml --output smith.png
     hf-batchsched plot --lr-policy COS --lr-param k0=0 --lr-param k1=1e-4 --lr-param l=1e6 --lr-unit samples \\
         --batch "0:32 200K:64 500K:128" --samples 1M --json
+    hf-batchsched plot --lr-policy cosine --lr-param total=1M --lr-unit samples --seesaw 64 --max-batch-size 512 \
+        --samples 1M
 
 The PNG has two panels against samples seen: the learning rate and the global batch size. The table has one row
 per tenth of the run: progress, samples (and epochs with a dataset size), LR, batch size, optimizer steps so far.
@@ -31,6 +35,7 @@ from ..schedules.batch import (
     simulate,
 )
 from ..schedules.lr import lr_at, lr_policy_from_config, lr_policy_to_config
+from ..schedules.seesaw_pair import SeesawBatch, check_seesaw_pair, seesaw
 
 __all__ = ["HELP", "EXAMPLE_CONFIG", "add_arguments", "describe_run", "load_plot_config", "run"]
 
@@ -41,6 +46,7 @@ _TOP_LEVEL_KEYS = {
     "lr_policy",
     "batch_schedule",
     "equivalent_to_lr",
+    "seesaw",
     "samples",
     "epochs",
     "dataset_size",
@@ -75,7 +81,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="B0",
         help="turn the LR policy's decay into batch growth from B0 (Smith et al.); needs --dataset-size",
     )
-    source.add_argument("--max-batch-size", type=int, help="cap for --equivalent-batch (default dataset_size // 10)")
+    source.add_argument(
+        "--seesaw",
+        type=int,
+        metavar="B0",
+        help="Seesaw from B0: LR x sqrt(a), batch x 1/a where the policy decays by a",
+    )
+    source.add_argument("--seesaw-factor", type=int, help="Seesaw's batch growth per jump (default 2)")
+    source.add_argument(
+        "--max-batch-size", type=int, help="cap for --seesaw, or --equivalent-batch (default dataset_size // 10)"
+    )
     source.add_argument("--optimizer", choices=["sgd", "adam"], help="scaling rule for --equivalent-batch")
     run_group = parser.add_argument_group("the run")
     run_group.add_argument("--samples", help="samples in the run (K/M/B suffixes), default epochs x dataset size")
@@ -149,7 +164,18 @@ def _merge_flags(config: dict, args: argparse.Namespace) -> dict:
         config["lr_policy"] = lr_cfg
     if args.batch is not None:
         config["batch_schedule"] = args.batch if not args.batch_unit else {"spec": args.batch, "unit": args.batch_unit}
-    if args.equivalent_batch is not None or args.max_batch_size is not None or args.optimizer is not None:
+    if args.seesaw is not None or args.seesaw_factor is not None or isinstance(config.get("seesaw"), dict):
+        section = dict(config.get("seesaw") or {})
+        for key, value in (
+            ("base_batch_size", args.seesaw),
+            ("max_batch_size", args.max_batch_size),
+            ("factor", args.seesaw_factor),
+        ):
+            if value is not None:
+                section[key] = value
+        if section:
+            config["seesaw"] = section
+    elif args.equivalent_batch is not None or args.max_batch_size is not None or args.optimizer is not None:
         section = dict(config.get("equivalent_to_lr") or {})
         for key, value in (
             ("base_batch_size", args.equivalent_batch),
@@ -187,7 +213,20 @@ def _build(config: dict) -> dict:
     original_lr = None
     baseline = None
     batch_cfg = config.get("batch_schedule")
-    if config.get("equivalent_to_lr") is not None:
+    if config.get("seesaw") is not None:
+        if batch_cfg is not None or config.get("equivalent_to_lr") is not None:
+            raise ConfigError("give one of batch_schedule (--batch), equivalent_to_lr or seesaw (--seesaw)")
+        if lr_policy is None:
+            raise ConfigError("seesaw (--seesaw) needs the base LR policy whose decay it converts (--lr-policy)")
+        section = dict(config["seesaw"])
+        missing = [key for key in ("base_batch_size", "max_batch_size") if key not in section]
+        if missing:
+            raise ConfigError(f"seesaw needs {' and '.join(missing)} (--seesaw B0, --max-batch-size)")
+        section.setdefault("unit", lr_policy.unit if lr_policy.unit in ("samples", "tokens") else "samples")
+        batch, pair_lr = seesaw(lr_policy, **section)
+        baseline = ConstantBatch(batch.base_batch_size, unit=batch.unit)
+        lr_policy, original_lr = pair_lr, lr_policy
+    elif config.get("equivalent_to_lr") is not None:
         if batch_cfg is not None:
             raise ConfigError(
                 "give either batch_schedule (--batch) or equivalent_to_lr (--equivalent-batch), not both"
@@ -211,6 +250,13 @@ def _build(config: dict) -> dict:
         batch = batch_schedule_from_config(batch_cfg["spec"], unit=batch_cfg.get("unit"))
     else:
         batch = batch_schedule_from_config(batch_cfg)
+        if isinstance(batch, SeesawBatch):
+            if lr_policy is not None:
+                raise ConfigError(
+                    "a seesaw batch_schedule carries its base LR policy; remove lr_policy (or use a seesaw: section)"
+                )
+            lr_policy, original_lr = check_seesaw_pair(batch, None, 1), batch.lr_policy
+            baseline = ConstantBatch(batch.base_batch_size, unit=batch.unit)
     multiple = int(config.get("multiple") or 1)
     tokens_per_sample = config.get("tokens_per_sample")
     run = simulate(batch, total, multiple=multiple, tokens_per_sample=tokens_per_sample)

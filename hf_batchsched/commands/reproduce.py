@@ -2,11 +2,13 @@
 
 Usage::
 
-    hf-batchsched reproduce {smith,keskar,bjorck,overheads,all} [--output-dir DIR] [--quick] [--rerun] [--seed S]
+    hf-batchsched reproduce {smith,keskar,bjorck,overheads,seesaw,critical-batch,all} [--output-dir DIR] [--quick]
+        [--rerun] [--seed S]
 
 Each experiment writes ``DIR/<name>.json`` (``bjorck``: ``bjorck_summary.json`` beside the benchmark's own
 ``bjorck.json``) and its PNG figures, and prints a one-line headline. ``--seed S`` shifts every seed of the
-experiment by ``S`` (smith averages over seeds ``S..S+2``, keskar over ``S..S+4``).
+experiment by ``S`` (smith averages over seeds ``S..S+2``, keskar over ``S..S+4``). ``seesaw`` and ``critical-batch``
+are the language-model experiments of ``bench.reproduce_lm`` (``seesaw`` measures the critical batch size too).
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import time
 
 __all__ = ["HELP", "NAMES", "add_arguments", "run"]
 
-HELP = "Reproduce Smith 2018 (batch ramp), Keskar 2017 (sharpness), Bjorck 2018 (BN) on CPU; gather overheads."
+HELP = (
+    "Reproduce Smith 2018 (batch ramp), Keskar 2017 (sharpness), Bjorck 2018 (BN), Seesaw 2025 and the critical "
+    "batch size (Merrill 2025) on CPU; gather overheads."
+)
 
-NAMES = ("smith", "keskar", "bjorck", "overheads", "all")
+NAMES = ("smith", "keskar", "bjorck", "overheads", "seesaw", "critical-batch", "all")
 
 DEFAULT_OUTPUT_DIR = "benchmarks/results/reproduce"
 
@@ -44,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="offset added to the experiments' seeds (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machines)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    parser.add_argument(
+        "--task",
+        choices=("pretrain", "lora"),
+        help="seesaw / critical-batch: only this task (files get a -TASK suffix); default both",
+    )
 
 
 def _headline(name: str, result: dict) -> str:
@@ -91,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    names = [n for n in NAMES if n != "all"] if args.experiment == "all" else [args.experiment]
+    # "all" skips critical-batch: seesaw measures the same critical batch sizes
+    names = [n for n in NAMES if n not in ("all", "critical-batch")] if args.experiment == "all" else [args.experiment]
     plot = not args.no_plots
     for name in names:
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -103,9 +114,20 @@ def run(args: argparse.Namespace) -> int:
             result = reproduce.reproduce_keskar(args.output_dir, _with_seed_offset(config, args.seed), plot=plot)
         elif name == "bjorck":
             result = reproduce.reproduce_bjorck(args.output_dir, quick=args.quick, rerun=not args.reuse_bjorck)
+        elif name in ("seesaw", "critical-batch"):
+            from ..bench import reproduce_lm
+
+            config = reproduce_lm.LMConfig.quick() if args.quick else reproduce_lm.LMConfig()
+            config = _with_seed_offset(config, args.seed)
+            if args.task:
+                config = dataclasses.replace(config, tasks=(args.task,))
+            run_lm = reproduce_lm.reproduce_seesaw if name == "seesaw" else reproduce_lm.reproduce_critical_batch
+            result = run_lm(args.output_dir, config, plot=plot)
+            print(reproduce_lm.headline(name, result), flush=True)
         else:
             result = reproduce.gather_overheads(args.output_dir, rerun=args.rerun)
-        print(_headline(name, result), flush=True)
+        if name not in ("seesaw", "critical-batch"):
+            print(_headline(name, result), flush=True)
         print(
             f"  ({name}: {time.perf_counter() - start:.1f} s wall, {time.process_time() - cpu_start:.1f} s CPU "
             "in this process; a benchmark subprocess is not counted)",

@@ -23,6 +23,7 @@ from .batch import (
 from .lr import LR_POLICIES, group_lrs_at, lr_at, lr_policy_from_config, lr_policy_to_config, make_lr_policy
 from .noise import batch_for_noise, lr_for_noise, rescale_batch_for_noise, sgd_noise
 from .scheduler import PolicyLRScheduler
+from .seesaw_pair import SeesawBatch, seesaw
 
 __all__ = [
     # batch-size schedules
@@ -35,12 +36,14 @@ __all__ = [
     "LinearRampBatch",
     "PiecewiseBatch",
     "RoundedBatch",
+    "SeesawBatch",
     "SimulatedRun",
     "batch_schedule_from_config",
     "batch_schedule_to_config",
     "equivalent_to_lr",
     "make_batch_schedule",
     "round_batch_size",
+    "seesaw",
     "simulate",
     # LR policies and the scheduler
     "LR_POLICIES",

@@ -19,9 +19,11 @@ takes the same decisions as the uninterrupted one. A decision made when the cloc
 never depend on prefetch timing.
 
 LR coupling (``lr_scaling``): ``lr_scale_at(consumed)`` is ``(size / min_size)`` (``"linear"``, SGD, Goyal et al.)
-or its square root (``"sqrt"``, Adam, Malladi et al. 2022). ``NoiseScaleCallback`` multiplies every param group's LR
-by it just before each ``optimizer.step()`` and restores the scheduler's LR right after, so it composes with any LR
-scheduler and the logged ``learning_rate`` stays the scheduler's (the factor is logged as ``batchsched/lr_scale``).
+or its square root (``"sqrt"``, Adam, Malladi et al. 2022). ``BatchRampTrainer`` applies it as its LR coupling
+(``couple="lr=<lr_scaling>"``, ``hf_batchsched.coupling``): every param group's LR is multiplied by it just before
+each ``optimizer.step()`` and the scheduler's LR is put back right after, so it composes with any LR scheduler and the
+logged ``learning_rate`` stays the scheduler's (the factor is logged as ``batchsched/lr_scale``). Giving the trainer
+a ``couple`` with another LR rule as well is refused.
 
 The Trainer's horizon: ``BatchRampTrainer`` plans the run with the schedule's state at ``train()`` time (the initial
 size): the run ends when the data stream does, in fewer steps than planned. Use an LR policy on the ``samples`` clock

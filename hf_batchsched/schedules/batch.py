@@ -20,6 +20,8 @@ name            class                                    shape
 ``to_lr``       (an ``LRMatchedBatch``)                  replaces an LR policy's decay
 ``adaptive``    ``AdaptiveBatchSchedule(min_size,        McCandlish et al. 2018: grows while the
                 max_size, ...)`` (``schedules.adaptive``) measured noise scale exceeds the batch
+``seesaw``      ``seesaw(lr_policy, ...)[0]``            Meterez et al. 2025: LR x sqrt(a) and batch
+                (``schedules.seesaw_pair.SeesawBatch``)  x 1/a where the LR policy decays by a
 ==============  =======================================  ============================================
 
 ``adaptive`` is *online* (``schedule.online``): its sizes depend on gradient noise measured during training, so
@@ -596,6 +598,7 @@ _OWN_PARAMETERS = {
     "geometric": ("max_size",),
     "equivalent_to_lr": ("multiple",),
     "adaptive": ("min_size", "max_size", "multiple"),
+    "seesaw": ("multiple",),
 }
 
 
