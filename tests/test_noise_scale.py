@@ -514,6 +514,7 @@ def test_noise_scale_callback_skips_a_zero_reduced_chunk_weight():
         accumulated_grad_sq_norm=lambda params: torch.tensor(25.0),
         step_grad_sq_norm=lambda params: torch.tensor(25.0),
         add_step_hook=lambda hook: None,
+        log=lambda logs: None,
     )
     trainer.args.fp16 = False
     callback = NoiseScaleCallback(trainer)

@@ -220,7 +220,11 @@ def _trainer(model, data, config, *, learning_rate, seed, batch_schedule, lr_pol
 
     from ..trainer import BatchRampTrainer
 
+    from ..schedules.seesaw_pair import SeesawBatch
+
     output_dir = tempfile.mkdtemp(prefix="hf-batchsched-lm-")
+    # The LR policy (or Seesaw's own) replaces the Trainer's scheduler, which refuses scheduler settings next to it.
+    own_lr = lr_policy is not None or isinstance(batch_schedule, SeesawBatch)
     args = TrainingArguments(
         output_dir,
         num_train_epochs=config.total_samples / len(data["train_rows"]),
@@ -228,7 +232,6 @@ def _trainer(model, data, config, *, learning_rate, seed, batch_schedule, lr_pol
         learning_rate=learning_rate,
         weight_decay=config.weight_decay,
         max_grad_norm=1.0,
-        lr_scheduler_type="constant",
         report_to="none",
         use_cpu=True,
         save_strategy="no",
@@ -238,6 +241,7 @@ def _trainer(model, data, config, *, learning_rate, seed, batch_schedule, lr_pol
         remove_unused_columns=False,
         dataloader_pin_memory=False,
         seed=seed,
+        **({} if own_lr else {"lr_scheduler_type": "constant"}),
     )
     trainer = BatchRampTrainer(
         model=model,
