@@ -587,3 +587,13 @@ if __name__ == "__main__":  # the DDP worker (see test_nan_loss_on_one_rank_is_s
     import sys
 
     ddp_worker(sys.argv[1])
+
+
+def test_spike_guard_is_refused_under_deepspeed(tmp_path):
+    """The DeepSpeed engine steps inside the last backward: dropping the gradients at on_pre_optimizer_step would
+    come too late, so the guard refuses to start instead of letting NaN steps through unnoticed."""
+    trainer = make_trainer(tmp_path, trainer_cls=BatchRampTrainer)
+    guard = SpikeGuardCallback(trainer)
+    trainer.is_deepspeed_enabled = True  # what the Trainer sets for deepspeed= / an accelerate DeepSpeed config
+    with pytest.raises(ConfigError, match="cannot act under DeepSpeed.*FSDP2"):
+        guard.on_train_begin(trainer.args, trainer.state, trainer.control)

@@ -180,6 +180,12 @@ class SpikeGuardCallback(TrainerBoundCallback, TrainerCallback):
         from ..trainer import StepWatch  # trainer.py imports this package
 
         super().on_train_begin(args, state, control, **kwargs)
+        if getattr(self.trainer, "is_deepspeed_enabled", False):
+            raise ConfigError(
+                "SpikeGuardCallback cannot act under DeepSpeed: the engine steps the optimizer inside the last "
+                "backward, before a callback can drop the update or cut its LR. Use DDP or FSDP2 "
+                "(recipes/accelerate/fsdp.yaml), or remove the callback"
+            )
         saved = load_callback_state(state, self.STATE_KEY)
         if saved is not None:
             self.load_state_dict(saved)
