@@ -31,9 +31,9 @@ install: $(BIN)/hf-batchsched
 demo: install
 	$(BIN)/hf-batchsched demo
 
+# both jobs always run; make test fails if either fails
 test: install
-	$(BIN)/python -m pytest -n 2 -q
-	$(MAKE) test-oldest
+	$(BIN)/python -m pytest -n 2 -q; status=$$?; $(MAKE) test-oldest && exit $$status
 
 $(OLDEST_BIN)/pytest: pyproject.toml tests/oldest-versions.txt
 	rm -rf $(OLDEST_VENV)
