@@ -1225,7 +1225,7 @@ class BatchRampMixin:
         token_normalised = num_items_in_batch is not None and (
             self.model_accepts_loss_kwargs or self.compute_loss_func is not None
         )
-        scaled_for_ga = self.loss_is_scaled_for_ga
+        scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)  # a Trainer attribute since transformers 5.19
         if scaled_for_ga is None:
             scaled_for_ga = token_normalised or self.compute_loss_func is not None
         if token_normalised:
