@@ -246,6 +246,26 @@ def _eval_callback(
     return _EvalEvery()
 
 
+def quiet_cpu_args(output_dir: str, *, own_lr: bool, **settings):
+    """``TrainingArguments`` of a reproduction run: CPU, no saving, logging, evaluation or progress bar. Without an
+    LR schedule of its own (``own_lr``: an LR policy or Seesaw replaces the Trainer's scheduler) the LR is constant."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+        **({} if own_lr else {"lr_scheduler_type": "constant"}),
+        **settings,
+    )
+
+
 def train_classifier(
     model: nn.Module,
     task: TeacherTask,
@@ -286,7 +306,7 @@ def train_classifier(
         ``history`` (eval loss over training), ``train_loss``/``eval_loss``/``eval_accuracy`` at the end,
         ``seconds``.
     """
-    from transformers import PrinterCallback, TrainingArguments
+    from transformers import PrinterCallback
 
     from ..trainer import BatchRampTrainer
 
@@ -303,21 +323,12 @@ def train_classifier(
         [] if eval_every is None else [_eval_callback(trainer_ref, task, eval_every, history, stop_at_train_loss)]
     )
     with tempfile.TemporaryDirectory(prefix="hf-batchsched-reproduce-") as output_dir:
-        args = TrainingArguments(
+        args = quiet_cpu_args(
             output_dir,
+            own_lr=lr_policy is not None,
             num_train_epochs=epochs,
             per_device_train_batch_size=max_micro_batch_size,
             learning_rate=learning_rate,
-            # without a policy, the LR stays constant; with one, the policy drives it
-            **({"lr_scheduler_type": "constant"} if lr_policy is None else {}),
-            report_to="none",
-            use_cpu=True,
-            save_strategy="no",
-            eval_strategy="no",
-            logging_strategy="no",
-            disable_tqdm=True,
-            remove_unused_columns=False,
-            dataloader_pin_memory=False,
             seed=seed,
         )
         trainer = BatchRampTrainer(

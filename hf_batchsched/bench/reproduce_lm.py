@@ -39,7 +39,7 @@ import torch
 
 from ..critical_batch import _eval_loss, critical_batch_size, windows
 from ..errors import ConfigError, check_choice
-from .reproduce import _mean_std, _pyplot, _write
+from .reproduce import _mean_std, _pyplot, _write, quiet_cpu_args
 
 __all__ = ["ARMS", "LMConfig", "TASKS", "reproduce_critical_batch", "reproduce_seesaw"]
 
@@ -216,32 +216,21 @@ class _Snapshots:
 
 
 def _trainer(model, data, config, *, learning_rate, seed, batch_schedule, lr_policy, couple=None, callbacks=()):
-    from transformers import PrinterCallback, TrainingArguments
-
-    from ..trainer import BatchRampTrainer
+    from transformers import PrinterCallback
 
     from ..schedules.seesaw_pair import SeesawBatch
+    from ..trainer import BatchRampTrainer
 
     output_dir = tempfile.mkdtemp(prefix="hf-batchsched-lm-")
-    # The LR policy (or Seesaw's own) replaces the Trainer's scheduler, which refuses scheduler settings next to it.
-    own_lr = lr_policy is not None or isinstance(batch_schedule, SeesawBatch)
-    args = TrainingArguments(
+    args = quiet_cpu_args(
         output_dir,
+        own_lr=lr_policy is not None or isinstance(batch_schedule, SeesawBatch),
         num_train_epochs=config.total_samples / len(data["train_rows"]),
         per_device_train_batch_size=config.max_micro_batch_size,
         learning_rate=learning_rate,
         weight_decay=config.weight_decay,
         max_grad_norm=1.0,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        eval_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        dataloader_pin_memory=False,
         seed=seed,
-        **({} if own_lr else {"lr_scheduler_type": "constant"}),
     )
     trainer = BatchRampTrainer(
         model=model,

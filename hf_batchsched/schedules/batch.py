@@ -966,6 +966,19 @@ def residual_lr(t: float, *, batch_schedule: LRMatchedBatch) -> float:
 _OPTIMIZER_EXPONENTS = {"sgd": 1.0, "adam": 2.0}
 
 
+def lr_time_scale(lr_policy: Policy, unit: str, base_batch_size: int, owner: str) -> float:
+    """Factor from a batch schedule's clock (``unit``) to ``lr_policy``'s: 1, or ``1 / base_batch_size`` for a steps
+    policy read on the samples clock (steps at the base batch); other mismatches are refused naming ``owner``."""
+    if lr_policy.unit == unit:
+        return 1.0
+    if lr_policy.unit == "steps" and unit == "samples":
+        return 1.0 / base_batch_size
+    raise ConfigError(
+        f"the LR policy counts {lr_policy.unit!r} but {owner} counts {unit!r}; build the LR policy on "
+        f"unit={unit!r} (a steps policy is converted only for unit='samples')"
+    )
+
+
 def equivalent_to_lr(
     lr_policy: Policy,
     *,
@@ -1050,14 +1063,7 @@ def equivalent_to_lr(
         raise ConfigError("exact_noise=True needs k = 1 (SGD's noise scale); use exact_noise=False with Adam's k = 2")
     if exact_noise and cap >= n:
         raise ConfigError(f"with exact_noise the cap {cap} must be below dataset_size {n}")
-    time_scale = 1.0
-    if lr_policy.unit == "steps" and unit == "samples":
-        time_scale = 1.0 / base
-    elif lr_policy.unit != unit:
-        raise ConfigError(
-            f"the LR policy counts {lr_policy.unit!r} but the batch schedule counts {unit!r}; build the LR policy on "
-            f"unit={unit!r} (a steps policy is converted only for unit='samples')"
-        )
+    time_scale = lr_time_scale(lr_policy, unit, base, "the batch schedule")
     if isinstance(momentum, Policy):
         if momentum.unit != lr_policy.unit:
             raise ConfigError(f"the momentum policy counts {momentum.unit!r}, the LR policy {lr_policy.unit!r}")

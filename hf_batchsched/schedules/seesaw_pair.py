@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .base import Policy
-from .batch import BATCH_SCHEDULES, BatchSchedule, _check_batch_unit, _positive_int, round_batch_size
+from .batch import BATCH_SCHEDULES, BatchSchedule, _check_batch_unit, _positive_int, lr_time_scale, round_batch_size
 
 __all__ = ["SeesawBatch", "check_seesaw_pair", "seesaw", "seesaw_lr"]
 
@@ -156,14 +156,7 @@ def seesaw(
             raise ConfigError(f"seesaw factor must be a whole number >= 2 (or null for continuous), got {factor}")
     if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not warmup >= 0 or math.isinf(warmup):
         raise ConfigError(f"seesaw warmup must be a number >= 0 (in the LR policy's unit), got {warmup!r}")
-    time_scale = 1.0
-    if lr_policy.unit == "steps" and unit == "samples":
-        time_scale = 1.0 / base
-    elif lr_policy.unit != unit:
-        raise ConfigError(
-            f"the LR policy counts {lr_policy.unit!r} but the seesaw schedules count {unit!r}; build the LR policy on "
-            f"unit={unit!r} (a steps policy is converted only for unit='samples')"
-        )
+    time_scale = lr_time_scale(lr_policy, unit, base, "the seesaw schedules")
     if not lr_policy(warmup) > 0:
         raise ConfigError(
             f"the base LR at the end of warmup (t = {warmup:g} {lr_policy.unit}) must be > 0, got "
