@@ -653,6 +653,12 @@ class BatchRampMixin:
                 f"the seesaw batch schedule sets the learning rate of every step, so {', '.join(replaced)} would be "
                 "ignored: remove them from the TrainingArguments (a warmup goes into the seesaw config's warmup)"
             )
+        if lr_policy is None and self.lr_policy is not None and self.sharding_engine in ("zero1", "zero2", "zero3"):
+            if "scheduler" in self.accelerator.state.deepspeed_plugin.deepspeed_config:
+                raise ConfigError(
+                    "the seesaw batch schedule and the DeepSpeed config's 'scheduler' section would both set the "
+                    "learning rate; remove the 'scheduler' section"
+                )
         self.couple = resolve_coupling(couple, self.batch_schedule)
         self._coupling = CouplingCallback(self, self.couple) if self.couple is not None else None
         if self._coupling is not None:

@@ -154,6 +154,13 @@ def main(output_dir: str) -> None:
                   arg_overrides={"deepspeed": deepspeed})  # fmt: skip
         except ConfigError as error:
             record["scheduler_refused"] = str(error)
+        seesaw = {"name": "seesaw", "lr_policy": {"name": "cosine", "total": NUM_SAMPLES, "unit": "samples"},
+                  "base_batch_size": 8, "max_batch_size": 32, "multiple": 2}  # fmt: skip
+        try:  # Seesaw's own LR next to a DeepSpeed scheduler
+            build(os.path.join(output_dir, "refused_seesaw"), engine, batch_schedule=seesaw,
+                  arg_overrides={"deepspeed": deepspeed})  # fmt: skip
+        except ConfigError as error:
+            record["seesaw_scheduler_refused"] = str(error)
     else:  # FSDP2 reduce-scattering only the last chunk: the same step, and no noise scale
         last = build(os.path.join(output_dir, "last"), engine, batch_schedule=32, fsdp_gradient_sync="last_chunk",
                      arg_overrides={"max_steps": 1})  # fmt: skip

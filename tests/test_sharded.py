@@ -116,6 +116,8 @@ def test_ramp_resume_probe_and_noise_scale_match_one_process(engine, single, tmp
         assert ranks[1]["noise_readings"] == first["noise_readings"]
     if engine.startswith("zero"):
         assert "lr_policy and the DeepSpeed config's 'scheduler' section" in first["scheduler_refused"]
+        refused = first["seesaw_scheduler_refused"]
+        assert "seesaw batch schedule and the DeepSpeed config's 'scheduler' section" in refused
     else:
         # Reduce-scattering only the last chunk gives the same step (local accumulation first: another summation
         # order, ~1e-7), and leaves no readable first-chunk gradient for the noise scale.
