@@ -51,18 +51,18 @@ ARMS = ("constant", "seesaw", "cbs_warmup", "seesaw_coupled")
 class LMConfig:
     """Sizes of the language-model reproductions (the defaults are the full run; ``quick()`` the CI one)."""
 
-    total_samples: int = 1024
+    total_samples: int = 8192
     base_batch_size: int = 16
     max_batch_size: int = 128
     max_micro_batch_size: int = 32
     warmup_fraction: float = 0.05
     weight_decay: float = 0.1
-    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
     seeds: tuple[int, ...] = (0, 1, 2)
     eval_samples: int = 256
     cbs_fractions: tuple[float, ...] = (0.0, 0.25, 0.5)
     cbs_batch_sizes: tuple[int, ...] = (16, 32, 64, 128)
-    cbs_budget_samples: int = 256
+    cbs_budget_samples: int = 2048
     cbs_tolerance: float = 0.01
     range_test_steps: int = 30
     seq_length: int = 64
