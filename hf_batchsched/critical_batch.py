@@ -241,14 +241,14 @@ def _noise_scale(model, train_rows, sizes, repeats, generator) -> float | None:
 
 
 def find_checkpoints(path: str | Path) -> list[Path]:
-    """``path`` itself when it is a checkpoint (holds ``config.json`` or ``adapter_config.json``), else its
-    ``checkpoint-<step>`` subfolders in step order; a ``ConfigError`` when there are none."""
+    """The ``checkpoint-<step>`` subfolders of ``path`` in step order, else ``path`` itself when it is a checkpoint
+    (holds ``config.json`` or ``adapter_config.json``, e.g. a run's final save); a ``ConfigError`` when neither."""
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"{path} is not a directory; pass a Trainer output_dir or one of its checkpoint-N folders")
-    if _is_checkpoint(path):
-        return [path]
     found = [p for p in path.iterdir() if re.fullmatch(r"checkpoint-\d+", p.name) and _is_checkpoint(p)]
+    if not found and _is_checkpoint(path):
+        return [path]
     if not found:
         raise ConfigError(
             f"{path} holds no checkpoint-N folders with a saved model; train with save_strategy='steps' (or pass a "
@@ -261,16 +261,33 @@ def _is_checkpoint(path: Path) -> bool:
     return (path / "config.json").exists() or (path / "adapter_config.json").exists()
 
 
-def load_checkpoint(path: Path):
-    """``(model, optimizer_state or None, step or None)`` of one checkpoint folder (a PEFT adapter or a full model)."""
-    if (path / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
+def load_checkpoint(path: Path, base_model: str | Path | None = None):
+    """``(model, optimizer_state or None, step or None)`` of one checkpoint folder (a PEFT adapter or a full model).
 
-        model = AutoPeftModelForCausalLM.from_pretrained(str(path), is_trainable=True)
-    else:
-        from transformers import AutoModelForCausalLM
+    An adapter is loaded on ``base_model`` if given, else on the base its ``adapter_config.json`` names; a model that
+    cannot be loaded is a ``ConfigError`` naming the folder."""
+    from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(path))
+    try:
+        if (path / "adapter_config.json").exists():
+            from peft import PeftModel
+
+            base = base_model or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if not base:
+                raise ConfigError(
+                    f"the adapter in {path} names no base model (adapter_config.json has no base_model_name_or_path); "
+                    "pass the base model's directory with --base-model (Python: base_model=...)"
+                )
+            model = PeftModel.from_pretrained(
+                AutoModelForCausalLM.from_pretrained(str(base)), str(path), is_trainable=True
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path))
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"cannot load the model of checkpoint {path}: {first}") from None
     state = None
     if (path / "optimizer.pt").exists():
         state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
@@ -287,16 +304,18 @@ def measure_checkpoints(
     *,
     learning_rate: float | None = None,
     fresh_optimizer: bool = False,
+    base_model: str | Path | None = None,
     **kwargs,
 ) -> list[CriticalBatchResult]:
     """``critical_batch_size`` at every checkpoint of ``run_dir`` (see ``find_checkpoints``).
 
     The LR, betas and weight decay come from the checkpoint's saved AdamW param groups (group 0: the LR the run
-    was at) unless ``learning_rate`` is given; ``fresh_optimizer`` ignores the saved moments.
+    was at) unless ``learning_rate`` is given; ``fresh_optimizer`` ignores the saved moments. ``base_model``: the
+    base of adapter checkpoints whose config names none (see ``load_checkpoint``).
     """
     results = []
     for path in find_checkpoints(run_dir):
-        model, state, step = load_checkpoint(path)
+        model, state, step = load_checkpoint(path, base_model)
         lr, settings = learning_rate, {}
         if state is not None:
             group = state["param_groups"][0]

@@ -142,3 +142,28 @@ def test_command_bad_input_one_line_exit_2(argv, match, run_dir, tmp_path, capsy
     assert main(["critical-batch", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and "\n" not in err and "Traceback" not in err
+
+
+def test_adapter_without_a_base_needs_base_model(run_dir, tmp_path, capsys):
+    """A LoRA run on a model built in memory saves adapters whose config names no base: refused in one line (not
+    transformers' hub error in a traceback), then measured on the base given with --base-model."""
+    from peft import LoraConfig, get_peft_model
+
+    vocab_size = json.loads((run_dir / "checkpoint-2" / "config.json").read_text())["vocab_size"]
+    base = tiny_llama(seed=0, vocab_size=vocab_size)
+    base.save_pretrained(tmp_path / "base")
+    base.name_or_path = ""  # as for a model built from a config
+    adapter = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    adapter.save_pretrained(checkpoint)
+    assert not json.loads((checkpoint / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    common = ["--text", str(run_dir / "text.txt"), "--tokenizer", str(run_dir / "checkpoint-2"), "--seq-length", "16",
+              "--batch-sizes", "2,4", "--budget-samples", "8", "--eval-samples", "4", "--noise-repeats", "1",
+              "--learning-rate", "1e-3", "--json", str(tmp_path / "cb.json")]  # fmt: skip
+    capsys.readouterr()
+    assert main(["critical-batch", str(tmp_path / "run"), *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "names no base model" in err and "--base-model" in err and "\n" not in err
+    assert main(["critical-batch", str(tmp_path / "run"), *common, "--base-model", str(tmp_path / "base")]) == 0
+    [result] = json.loads((tmp_path / "cb.json").read_text())
+    assert result["b_crit"] in (2, 4) and len(result["losses"]) == 2

@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--learning-rate", type=float, help="LR of the smallest batch (default: the checkpoint's)")
     parser.add_argument("--tolerance", type=float, default=0.01, help="relative loss excess allowed (default 0.01)")
+    parser.add_argument("--base-model", help="base model directory of LoRA checkpoints (default: the adapter's own)")
     parser.add_argument("--fresh-optimizer", action="store_true", help="ignore optimizer.pt's moments")
     parser.add_argument("--eval-samples", type=int, default=256, help="held-out sequences (default 256)")
     parser.add_argument(
@@ -110,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         eval_rows,
         learning_rate=args.learning_rate,
         fresh_optimizer=args.fresh_optimizer,
+        base_model=args.base_model,
         batch_sizes=sizes,
         budget_samples=args.budget_samples,
         lr_rule=None if args.lr_rule == "none" else args.lr_rule,
