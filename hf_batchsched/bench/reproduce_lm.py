@@ -386,6 +386,14 @@ def _check(config: LMConfig) -> None:
         raise ConfigError("cbs_batch_sizes must include base_batch_size (the branch all others are compared with)")
 
 
+def _measure(task: str, config: LMConfig) -> tuple[dict, dict]:
+    """``(data, measured)`` of one task: the LR sweep, ``B_crit`` along the best run, and the LR range test."""
+    data = _task_data(task, config)
+    measured = _sweep_and_cbs(task, data, config)
+    measured["range_test"] = _range_test(data, config, config.seeds[0])
+    return data, measured
+
+
 def reproduce_critical_batch(output_dir: str | os.PathLike, config: LMConfig | None = None, plot: bool = True) -> dict:
     """``B_crit`` (branch runs) and ``B_simple`` (noise scale) along the reference run of each task; also the LR
     sweep and range test on the same task. Writes ``critical_batch.json`` (and ``critical_batch.png``)."""
@@ -393,9 +401,7 @@ def reproduce_critical_batch(output_dir: str | os.PathLike, config: LMConfig | N
     _check(config)
     result = {"config": dataclasses.asdict(config), "tasks": {}}
     for task in config.tasks:
-        data = _task_data(task, config)
-        measured = _sweep_and_cbs(task, data, config)
-        measured["range_test"] = _range_test(data, config, config.seeds[0])
+        _, measured = _measure(task, config)
         measured["range_test"]["best_sweep_lr"] = measured["best_lr"]
         result["tasks"][task] = measured
     name = _name("critical_batch", config)
@@ -411,9 +417,7 @@ def reproduce_seesaw(output_dir: str | os.PathLike, config: LMConfig | None = No
     _check(config)
     result = {"config": dataclasses.asdict(config), "tasks": {}}
     for task in config.tasks:
-        data = _task_data(task, config)
-        measured = _sweep_and_cbs(task, data, config)
-        measured["range_test"] = _range_test(data, config, config.seeds[0])
+        data, measured = _measure(task, config)
         best = measured["best_lr"]
         cbs_schedule = cbs_warmup_schedule(measured["critical_batch"], config)
         arms = {}
