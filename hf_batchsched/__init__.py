@@ -25,9 +25,9 @@ _EXPORTS = {
     "Coupling": "coupling",
     # schedules
     "PolicyLRScheduler": "schedules.scheduler",
-    "make_lr_policy": "schedules.lr",
-    "make_batch_schedule": "schedules.batch",
-    "equivalent_to_lr": "schedules.batch",
+    "make_lr_policy": "schedules.lr_config",
+    "make_batch_schedule": "schedules.batch_config",
+    "equivalent_to_lr": "schedules.smith",
     "seesaw": "schedules.seesaw_pair",
     "AdaptiveBatchSchedule": "schedules.adaptive",
     # callbacks
@@ -87,10 +87,11 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real objects
     from .data.sampler import RampBatchSampler
     from .errors import ConfigError
     from .schedules.adaptive import AdaptiveBatchSchedule
-    from .schedules.batch import equivalent_to_lr, make_batch_schedule
-    from .schedules.lr import make_lr_policy
+    from .schedules.batch_config import make_batch_schedule
+    from .schedules.lr_config import make_lr_policy
     from .schedules.scheduler import PolicyLRScheduler
     from .schedules.seesaw_pair import seesaw
+    from .schedules.smith import equivalent_to_lr
     from .trainer import BatchRampMixin, BatchRampTrainer
 
 

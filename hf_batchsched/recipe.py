@@ -471,7 +471,7 @@ def validate(args: RecipeArguments, *, check_device: bool = True) -> None:
         if value is not None and value <= 0:
             raise ConfigError(f"config key {key!r} must be > 0, got {value}")
     if args.schedule.batch_schedule is not None:
-        from .schedules.batch import batch_schedule_from_config
+        from .schedules.batch_config import batch_schedule_from_config
 
         schedule = _wrap(lambda: batch_schedule_from_config(args.schedule.batch_schedule), "batch_schedule")
         if getattr(schedule, "lr_batch_exponent", 0) and args.schedule.lr_policy is not None:
@@ -480,7 +480,7 @@ def validate(args: RecipeArguments, *, check_device: bool = True) -> None:
                 "the top-level lr_policy (put the base policy inside batch_schedule)"
             )
     if args.schedule.lr_policy is not None:
-        from .schedules.lr import lr_policy_from_config
+        from .schedules.lr_config import lr_policy_from_config
 
         _wrap(lambda: lr_policy_from_config(args.schedule.lr_policy), "lr_policy")
     if args.schedule.couple is not None:
@@ -757,7 +757,7 @@ def build_trainer(args: RecipeArguments, model, tokenizer, train_dataset, eval_d
     if not _uses_batch_ramp(args):
         trainer = Trainer(**kwargs)
     else:
-        from .schedules.batch import batch_schedule_from_config
+        from .schedules.batch_config import batch_schedule_from_config
         from .trainer import BatchRampTrainer
 
         schedule = args.schedule.batch_schedule

@@ -121,11 +121,12 @@ from .clock import TrainingClock
 from .coupling import CouplingCallback, resolve_coupling
 from .data.batches import IGNORE_INDEX, batch_len, count_batch, packed_sequence_starts, split_micro_chunks
 from .data.lengths import sample_lengths
-from .data.sampler import DrawnStep, RampBatchSampler, as_batch_schedule
+from .data.sampler import DrawnStep, RampBatchSampler
 from .errors import ConfigError, check_choice, check_integer, check_positive
 from .schedules.base import Policy
-from .schedules.noise import sgd_noise
+from .schedules.batch_config import as_batch_schedule
 from .schedules.seesaw_pair import check_seesaw_pair
+from .schedules.smith import sgd_noise_of_group
 
 __all__ = [
     "BatchRampMixin",
@@ -138,10 +139,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Kept for code written against the first release: ``hf_batchsched.schedules.noise.sgd_noise`` is the one
-#: implementation of Smith et al.'s noise scale.
-sgd_noise_scale = sgd_noise
 
 
 def _per_token_labels(inputs: Mapping) -> bool:
@@ -584,7 +581,7 @@ class BatchRampMixin:
         check_positive("max_micro_batch_size", self.max_micro_batch_size)
         self.batch_schedule = as_batch_schedule(batch_schedule)
         if lr_policy is not None and not isinstance(lr_policy, Policy):
-            from .schedules.lr import lr_policy_from_config
+            from .schedules.lr_config import lr_policy_from_config
 
             lr_policy = lr_policy_from_config(lr_policy)
         self.lr_policy = lr_policy
@@ -1283,11 +1280,7 @@ class BatchRampMixin:
         if self.optimizer is None or self._ramp_sampler is None:
             return None
         group = self.optimizer.param_groups[0]
-        lr = group["lr"] if lr is None else lr
-        momentum = group.get("momentum", group.get("betas", (0.0,))[0]) or 0.0
-        if not 0 <= momentum < 1:
-            return None
-        return sgd_noise(float(lr), self._ramp_sampler.samples_per_pass, self.last_batch_size, float(momentum))
+        return sgd_noise_of_group(group, self._ramp_sampler.samples_per_pass, self.last_batch_size, lr=lr)
 
 
 class BatchRampTrainer(BatchRampMixin, Trainer):

@@ -15,9 +15,9 @@ from hf_batchsched.callbacks.noise_scale import NoiseScaleCallback
 from hf_batchsched.coupling import Coupling
 from hf_batchsched.errors import ConfigError
 from hf_batchsched.schedules.adaptive import AdaptiveBatchSchedule
-from hf_batchsched.schedules.batch import (
+from hf_batchsched.schedules.batch_base import BatchSchedule
+from hf_batchsched.schedules.batch_config import (
     BATCH_SCHEDULES,
-    BatchSchedule,
     batch_schedule_from_config,
     batch_schedule_to_config,
     make_batch_schedule,

@@ -24,8 +24,8 @@ from hf_batchsched.schedules import (
     round_batch_size,
     simulate,
 )
-from hf_batchsched.schedules.batch import parse_quantity
-from hf_batchsched.schedules.noise import batch_for_noise, lr_for_noise, rescale_batch_for_noise, sgd_noise
+from hf_batchsched.schedules.batch_base import parse_quantity
+from hf_batchsched.schedules.smith import batch_for_noise, lr_for_noise, rescale_batch_for_noise, sgd_noise
 
 FAST = settings(max_examples=60, deadline=None)
 EPOCH = 50_000  # CIFAR-10 training samples
@@ -196,7 +196,9 @@ def test_rounded_schedule_respects_multiples_caps_and_order(sizes, multiple, mod
 
 
 def test_rounded_clamps_and_checks_its_bounds():
-    rounded = make_batch_schedule("piecewise", schedule="0:30 100:70 200:500", multiple=16, min_size=32, max_size=256)
+    rounded = make_batch_schedule(
+        "piecewise", schedule="0:30 100:70 200:500", rounding={"multiple": 16, "min_size": 32, "max_size": 256}
+    )
     assert [rounded(c) for c in (0, 100, 200)] == [32, 64, 256]
     assert batch_schedule_from_config(batch_schedule_to_config(rounded)) == rounded
     with pytest.raises(ConfigError, match="max_size 250 is not a multiple of 16"):
@@ -476,3 +478,29 @@ def test_noise_helpers_bad_input():
         sgd_noise(0.1, 100, 10, momentum=1.0)
     with pytest.raises(ConfigError, match="lr must be > 0"):
         batch_for_noise(1.0, lr=0.0, dataset_size=100)
+
+
+def test_rounding_is_one_nested_block_whose_keys_mean_one_thing():
+    """The rounding wrapper's options live in their own ``rounding`` block; ``max_size`` next to ``name`` is always
+    the schedule's own (geometric's cap), and the block's keys are checked against ``RoundedBatch``'s."""
+    cfg = {"name": "geometric", "start": 100, "factor": 2, "milestones": [10], "max_size": 400}
+    assert batch_schedule_from_config(cfg).max_size == 400  # the cap, no wrapper
+    rounded = batch_schedule_from_config({**cfg, "rounding": {"multiple": 64, "max_size": 320}})
+    assert isinstance(rounded, RoundedBatch) and rounded.schedule.max_size == 400 and rounded(10) == 192
+    assert batch_schedule_from_config(batch_schedule_to_config(rounded)) == rounded
+    with pytest.raises(ConfigError, match="rounding got unknown key.*multple; it takes: max_size, min_size, mode"):
+        batch_schedule_from_config({**cfg, "rounding": {"multple": 64}})
+    with pytest.raises(ConfigError, match="geometric' got unknown parameter.*multiple"):
+        batch_schedule_from_config({**cfg, "multiple": 64})
+
+
+def test_rounded_error_mode_and_never_raise_refuse_instead_of_rounding():
+    """The sampler's rules, on the same wrapper: ``mode="error"`` refuses a size off a multiple, ``never_raise``
+    refuses a size below the multiple instead of raising it."""
+    assert RoundedBatch(ConstantBatch(12), 8)(0) == 8 and RoundedBatch(ConstantBatch(4), 8)(0) == 8
+    assert RoundedBatch(ConstantBatch(16), 8, mode="error")(0) == 16
+    with pytest.raises(ConfigError, match="global batch of 12 at samples=0, not a multiple of 8 and rounding mode"):
+        RoundedBatch(ConstantBatch(12), 8, mode="error")(0)
+    with pytest.raises(ConfigError, match="never raised above the schedule"):
+        RoundedBatch(ConstantBatch(4), 8, never_raise=True)(0)
+    assert RoundedBatch(ConstantBatch(12), 8, never_raise=True)(0) == 8

@@ -7,7 +7,8 @@ import pytest
 
 from hf_batchsched.cli import main
 from hf_batchsched.commands.plot import EXAMPLE_CONFIG, describe_run, load_plot_config
-from hf_batchsched.schedules.batch import batch_schedule_from_config, simulate
+from hf_batchsched.schedules.batch_config import batch_schedule_from_config
+from hf_batchsched.schedules.simulate import simulate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

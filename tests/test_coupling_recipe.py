@@ -45,7 +45,7 @@ def test_cli_runs_seesaw_from_yaml_with_couple_flag(tiny_local, tmp_path, capsys
 
 def test_recipe_couple_section_reaches_the_trainer(tiny_local, tmp_path):  # noqa: F811
     from hf_batchsched.recipe import finetune
-    from hf_batchsched.schedules.batch import simulate
+    from hf_batchsched.schedules.simulate import simulate
 
     config = recipe_config(
         tiny_local,

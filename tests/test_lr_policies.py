@@ -13,14 +13,8 @@ import torch
 from hf_batchsched.errors import ConfigError
 from hf_batchsched.schedules import lrbench
 from hf_batchsched.schedules.base import Policy
-from hf_batchsched.schedules.lr import (
-    LR_POLICIES,
-    group_lrs_at,
-    lr_at,
-    lr_policy_from_config,
-    lr_policy_to_config,
-    make_lr_policy,
-)
+from hf_batchsched.schedules.lr import group_lrs_at, lr_at
+from hf_batchsched.schedules.lr_config import LR_POLICIES, lr_policy_from_config, lr_policy_to_config, make_lr_policy
 
 # Float tolerance for values computed by the same formula in a different order of operations: a few ulps.
 ULPS = 1e-12

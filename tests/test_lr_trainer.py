@@ -18,7 +18,8 @@ from hf_batchsched.callbacks.lr_monitor import LRMonitorCallback, param_group_lr
 from hf_batchsched.clock import TrainingClock
 from hf_batchsched.errors import ConfigError
 from hf_batchsched.schedules.base import Policy
-from hf_batchsched.schedules.lr import LR_POLICIES, group_lrs_at, lr_policy_from_config, make_lr_policy
+from hf_batchsched.schedules.lr import group_lrs_at
+from hf_batchsched.schedules.lr_config import LR_POLICIES, lr_policy_from_config, make_lr_policy
 from hf_batchsched.schedules.scheduler import PolicyLRScheduler
 from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama, tiny_training_args
 from hf_batchsched.trainer import BatchRampTrainer

@@ -22,9 +22,14 @@ PUBLIC_MODULES = [
     "hf_batchsched.trainer",
     "hf_batchsched.checkpoint",
     "hf_batchsched.schedules.batch",
+    "hf_batchsched.schedules.batch_base",
+    "hf_batchsched.schedules.batch_config",
+    "hf_batchsched.schedules.simulate",
     "hf_batchsched.schedules.lr",
+    "hf_batchsched.schedules.lr_config",
     "hf_batchsched.schedules.adaptive",
-    "hf_batchsched.schedules.noise",
+    "hf_batchsched.schedules.smith",
+    "hf_batchsched.schedules.seesaw_pair",
     "hf_batchsched.schedules.scheduler",
     "hf_batchsched.data.sampler",
 ]
@@ -63,7 +68,7 @@ def test_root_exports_the_public_api():
     assert set(hf_batchsched.__all__) == {"__version__", *hf_batchsched._EXPORTS}  # the lazy table is complete
     assert set(hf_batchsched.__all__) <= set(dir(hf_batchsched))
     from hf_batchsched.callbacks.sharpness import SharpnessProbeCallback
-    from hf_batchsched.schedules.batch import equivalent_to_lr
+    from hf_batchsched.schedules.smith import equivalent_to_lr
     from hf_batchsched.trainer import BatchRampTrainer as Defined
 
     assert hf_batchsched.BatchRampTrainer is Defined  # the same object, not a copy
@@ -96,10 +101,10 @@ def test_import_is_light():
 
 def test_one_implementation_of_the_sgd_noise_scale():
     from hf_batchsched import schedules, trainer
-    from hf_batchsched.schedules.noise import sgd_noise
+    from hf_batchsched.schedules.smith import sgd_noise
 
-    assert trainer.sgd_noise_scale is sgd_noise and schedules.sgd_noise is sgd_noise  # an alias, not a second copy
-    assert "sgd_noise_scale" not in trainer.__all__
+    assert schedules.sgd_noise is sgd_noise
+    assert not hasattr(trainer, "sgd_noise_scale")  # the 0.1.0 alias is gone: one name, one implementation
 
 
 def test_package_inits_have_no_appended_imports():

@@ -270,7 +270,8 @@ def test_two_lora_runs_of_one_config_match(tiny_local, tmp_path):
 
 def test_docstring_batch_schedule_examples_are_accepted():
     """The ``--batch_schedule`` examples in recipes/finetune.py's docstring parse (a constant batch of 64)."""
-    from hf_batchsched.schedules.batch import ConstantBatch, batch_schedule_from_config
+    from hf_batchsched.schedules.batch import ConstantBatch
+    from hf_batchsched.schedules.batch_config import batch_schedule_from_config
 
     doc = (ROOT / "recipes" / "finetune.py").read_text()
     examples = re.findall(r"--batch_schedule '([^']+)'", doc) + re.findall(r"--batch_schedule (\d+)", doc)

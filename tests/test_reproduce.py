@@ -32,7 +32,7 @@ from hf_batchsched.bench.reproduce import (
     train_classifier,
 )
 from hf_batchsched.errors import ConfigError
-from hf_batchsched.schedules.batch import simulate
+from hf_batchsched.schedules.simulate import simulate
 
 # Two seeds, so the seed aggregation is exercised; 480 samples, 5 epochs, B0 = 8, B_max = N/10 = 48.
 SMITH_TINY = dataclasses.replace(SmithConfig.quick(), seeds=(0, 1))

@@ -254,3 +254,11 @@ def test_bad_input():
     with pytest.raises(TypeError):
         len(RampBatchSampler(10, 2, total_rows=math.inf))
     assert RampBatchSampler(10, 2, total_rows=math.inf).plan(max_steps=7) == [2] * 7
+
+
+def test_sampler_rounds_through_the_one_rounded_batch():
+    from hf_batchsched.schedules import ConstantBatch, RoundedBatch
+
+    sampler = RampBatchSampler(64, 11, world_size=2, round_to=4, total_rows=64)
+    assert sampler.batch_schedule == ConstantBatch(11)  # an int is the one constant schedule
+    assert isinstance(sampler.rounded_schedule, RoundedBatch) and sampler.rounded_schedule.multiple == 4

@@ -12,9 +12,12 @@ from test_trainer_ramp import make_trainer
 
 from hf_batchsched import seesaw
 from hf_batchsched.errors import ConfigError
-from hf_batchsched.schedules.batch import ConstantBatch, batch_schedule_from_config, simulate
-from hf_batchsched.schedules.lr import lr_at, make_lr_policy
+from hf_batchsched.schedules.batch import ConstantBatch
+from hf_batchsched.schedules.batch_config import batch_schedule_from_config
+from hf_batchsched.schedules.lr import lr_at
+from hf_batchsched.schedules.lr_config import make_lr_policy
 from hf_batchsched.schedules.seesaw_pair import SeesawBatch
+from hf_batchsched.schedules.simulate import simulate
 
 torch.set_num_threads(1)
 

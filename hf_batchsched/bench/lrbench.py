@@ -264,7 +264,7 @@ def load_lrbench_config(config: str | Mapping, config_dir: str | None = None) ->
         config_dir (`str`, *optional*): where a relative ``recipe:`` path is looked up first (then the working
             directory); defaults to the YAML file's folder when ``config`` is a path.
     """
-    from ..schedules.lr import lr_policy_from_config
+    from ..schedules.lr_config import lr_policy_from_config
 
     if isinstance(config, str):
         import yaml

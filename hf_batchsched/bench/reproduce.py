@@ -436,8 +436,9 @@ def smith_schedules(config: SmithConfig) -> dict:
     >>> [schedules["increasing_batch"][0](f * SmithConfig().total_samples) for f in (0.0, 0.3, 0.6, 0.8)]
     [32, 160, 800, 3264]
     """
-    from ..schedules.batch import ConstantBatch, equivalent_to_lr
-    from ..schedules.lr import make_lr_policy
+    from ..schedules.batch import ConstantBatch
+    from ..schedules.lr_config import make_lr_policy
+    from ..schedules.smith import equivalent_to_lr
 
     n = config.num_train
     decay = make_lr_policy(
@@ -487,7 +488,7 @@ def reproduce_smith(output_dir: str | os.PathLike, config: SmithConfig | None = 
 
     Target: (b)'s mean final eval loss within 2% of (a)'s with at least 2.5x fewer optimizer updates.
     """
-    from ..schedules.batch import simulate
+    from ..schedules.simulate import simulate
 
     config = config or SmithConfig()
     if not config.seeds:

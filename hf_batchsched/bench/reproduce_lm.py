@@ -160,7 +160,7 @@ def _task_data(task: str, config: LMConfig) -> dict:
 
 
 def _cosine(config: LMConfig):
-    from ..schedules.lr import lr_policy_from_config
+    from ..schedules.lr_config import lr_policy_from_config
 
     warmup = config.warmup_samples
     return lr_policy_from_config(

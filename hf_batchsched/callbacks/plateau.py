@@ -291,7 +291,7 @@ class PlateauCallback(TrainerBoundCallback, TrainerCallback):
 
     @staticmethod
     def _check_policies(trainer, policies) -> list:
-        from ..schedules.lr import lr_policy_from_config
+        from ..schedules.lr_config import lr_policy_from_config
 
         if isinstance(policies, (str, dict)) or not isinstance(policies, Sequence) or not policies:
             raise ConfigError(f"policies must be a non-empty list of LR policies, got {policies!r}")
@@ -393,7 +393,7 @@ class PlateauCallback(TrainerBoundCallback, TrainerCallback):
 
     def _install_policy(self, scheduler) -> None:
         """Set the scheduler's policy to the base policy, then each switched-to policy from its switch point on."""
-        from ..schedules.lr import make_lr_policy
+        from ..schedules.lr_config import make_lr_policy
 
         regions = [self._base_policy, *self.policies[: len(self.switch_points)]]
         if len(regions) == 1:

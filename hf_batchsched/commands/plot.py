@@ -26,16 +26,14 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..schedules.base import Policy
-from ..schedules.batch import (
-    ConstantBatch,
-    SimulatedRun,
-    batch_schedule_from_config,
-    equivalent_to_lr,
-    parse_quantity,
-    simulate,
-)
-from ..schedules.lr import lr_at, lr_policy_from_config, lr_policy_to_config
+from ..schedules.batch import ConstantBatch
+from ..schedules.batch_base import parse_quantity
+from ..schedules.batch_config import batch_schedule_from_config
+from ..schedules.lr import lr_at
+from ..schedules.lr_config import lr_policy_from_config, lr_policy_to_config
 from ..schedules.seesaw_pair import SeesawBatch, check_seesaw_pair, seesaw
+from ..schedules.simulate import SimulatedRun, simulate
+from ..schedules.smith import equivalent_to_lr
 
 __all__ = ["HELP", "EXAMPLE_CONFIG", "add_arguments", "describe_run", "load_plot_config", "run"]
 

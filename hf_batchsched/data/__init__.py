@@ -3,12 +3,11 @@ helpers (counting, micro-chunk splitting of padded and packed batches)."""
 
 from .batches import count_batch, packed_sequence_starts, split_micro_chunks
 from .lengths import sample_lengths, sequence_counts
-from .sampler import DrawnStep, RampBatchSampler, as_batch_schedule
+from .sampler import DrawnStep, RampBatchSampler
 
 __all__ = [
     "DrawnStep",
     "RampBatchSampler",
-    "as_batch_schedule",
     "count_batch",
     "packed_sequence_starts",
     "sample_lengths",

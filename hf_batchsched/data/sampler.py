@@ -18,7 +18,7 @@ Units. The schedule is a function of consumed **samples** (sequences) or **token
 ``sample_lengths``). A row is one sequence unless it packs several (a ``seq_lengths`` column, from trl's
 ``pack_dataset``): then a step takes the most whole rows whose sequences fit in the scheduled size (at least one
 row per rank), and ``consumed_samples`` counts sequences. Sizes are rounded *down* to multiples of ``round_to``
-(``world_size`` by default), never up.
+(``world_size`` by default), never up, by the package's one rounding (``schedules.batch_base.RoundedBatch``).
 
 Batch sizes are decided lazily, when a batch is drawn, from the stream position: a schedule that changes online is
 honoured while the order stays a deterministic function of ``(seed, schedule, position)``. Planning (``plan``,
@@ -44,64 +44,21 @@ import dataclasses
 import logging
 import math
 import numbers
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, check_integer, check_positive
+from ..schedules.batch_base import RoundedBatch
+from ..schedules.batch_config import as_batch_schedule
 from .lengths import sample_lengths, sequence_counts
 
-__all__ = ["DrawnStep", "RampBatchSampler", "as_batch_schedule"]
+__all__ = ["DrawnStep", "RampBatchSampler"]
 
 logger = logging.getLogger(__name__)
 
 ROUNDINGS = ("down", "error")
-
-
-def as_batch_schedule(schedule) -> Callable[[float], int]:
-    """Turn an ``int`` (constant), a config (a dict or a Megatron-style string such as ``"0:32 2M:64"``, through
-    ``hf_batchsched.schedules.batch.batch_schedule_from_config``) or a callable into a schedule.
-
-    A schedule is any callable ``consumed -> int`` (the global batch size); its optional ``.unit`` attribute
-    says what ``consumed`` counts (``"samples"``, the default, or ``"tokens"``).
-
-    >>> as_batch_schedule(32)(1000)
-    32
-    """
-    if isinstance(schedule, bool):
-        raise ConfigError(f"batch_schedule must be an int, a config dict or a callable, got {schedule!r}")
-    if isinstance(schedule, int):
-        check_positive("batch_schedule", schedule)
-        return _Constant(schedule)
-    if isinstance(schedule, (dict, str)):
-        try:
-            from ..schedules.batch import batch_schedule_from_config
-        except ImportError as error:  # pragma: no cover - the module ships with the package
-            raise ConfigError("batch_schedule configs need hf_batchsched.schedules.batch") from error
-        return batch_schedule_from_config(schedule)
-    if callable(schedule):
-        unit = getattr(schedule, "unit", "samples")
-        if unit not in ("samples", "tokens"):
-            raise ConfigError(
-                f"a batch schedule must be a function of consumed 'samples' or 'tokens', got unit {unit!r}; "
-                "build it on one of those clocks"
-            )
-        return schedule
-    raise ConfigError(f"batch_schedule must be an int, a config dict or a callable, got {type(schedule).__name__}")
-
-
-class _Constant:
-    unit = "samples"
-
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
-
-    def __call__(self, consumed: float) -> int:
-        return self.batch_size
-
-    def __repr__(self) -> str:
-        return f"constant({self.batch_size})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +95,9 @@ class RampBatchSampler(torch.utils.data.Sampler):
     Args:
         data_source (`Sized` or `int`): the dataset (``datasets.Dataset`` or any map-style torch dataset), or its
             number of rows.
-        batch_schedule (`Callable` or `int`): global batch size as a function of consumed samples (or tokens, when
-            its ``.unit`` is ``"tokens"``); an ``int`` is a constant schedule.
+        batch_schedule (`BatchSchedule`, `int`, `dict`, `str` or `Callable`): global batch size as a function of
+            consumed samples (or tokens, when its ``.unit`` is ``"tokens"``); an ``int`` or a config is read by
+            ``hf_batchsched.schedules.batch_config.as_batch_schedule``.
         rank (`int`, *optional*, defaults to `0`): this process's data-parallel rank.
         world_size (`int`, *optional*, defaults to `1`): number of data-parallel ranks.
         seed (`int`, *optional*, defaults to `0`): pass ``p`` is shuffled with a generator seeded with ``seed + p``.
@@ -200,6 +158,9 @@ class RampBatchSampler(torch.utils.data.Sampler):
             raise ConfigError(f"unknown rounding {rounding!r}; valid choices: {', '.join(ROUNDINGS)}")
         self.batch_schedule = as_batch_schedule(batch_schedule)
         self.unit = getattr(self.batch_schedule, "unit", "samples")
+        # The one rounding (schedules.batch_base.RoundedBatch): down to round_to, or refused; never raised.
+        mode = "error" if rounding == "error" else "down"
+        self.rounded_schedule = RoundedBatch(self.batch_schedule, self.round_to, mode=mode, never_raise=True)
         check_integer("seed", seed)
         self.rank, self.world_size, self.seed, self.shuffle, self.rounding = rank, world_size, seed, shuffle, rounding
         self.group_by_length, self.drop_last = bool(group_by_length), bool(drop_last)
@@ -354,29 +315,20 @@ class RampBatchSampler(torch.utils.data.Sampler):
     def _round(self, requested: int, clock: int) -> int:
         if requested < 1:
             raise ConfigError(f"the batch schedule returned {requested}; batch sizes must be >= 1")
-        if requested % self.round_to == 0:
-            return requested
-        if requested < self.round_to or self.rounding == "error":
-            reason = (
-                "batch sizes are never raised above the schedule"
-                if requested < self.round_to
-                else "rounding='error' was asked for"
+        try:
+            size = self.rounded_schedule.round(requested, clock)
+        except ConfigError as error:
+            raise ConfigError(f"{error} (batch_size_multiple; world_size={self.world_size})") from None
+        if size != requested:
+            log = logger.debug if self._warned_rounding else logger.warning
+            log(
+                "RampBatchSampler: global batch size %d rounded down to %d (a multiple of %d)%s",
+                requested,
+                size,
+                self.round_to,
+                "" if self._warned_rounding else "; further roundings are logged at DEBUG level",
             )
-            raise ConfigError(
-                f"the batch schedule asks for a global batch of {requested} at {self.unit}={clock}, not a multiple "
-                f"of {self.round_to} (batch_size_multiple; world_size={self.world_size}) and {reason}; make the "
-                f"schedule's sizes multiples of {self.round_to}"
-            )
-        size = requested - requested % self.round_to
-        log = logger.debug if self._warned_rounding else logger.warning
-        log(
-            "RampBatchSampler: global batch size %d rounded down to %d (a multiple of %d)%s",
-            requested,
-            size,
-            self.round_to,
-            "" if self._warned_rounding else "; further roundings are logged at DEBUG level",
-        )
-        self._warned_rounding = True
+            self._warned_rounding = True
         return size
 
     def _rows_for(self, row: int, size: int) -> int:

@@ -52,7 +52,7 @@ from collections.abc import Mapping
 
 from ..errors import ConfigError, check_choice, check_positive
 from ..probes.noise_scale import GradientNoiseScale
-from .batch import BATCH_SCHEDULES, BatchSchedule
+from .batch_base import BatchSchedule
 
 __all__ = ["LR_SCALINGS", "AdaptiveBatchSchedule"]
 
@@ -93,7 +93,7 @@ class AdaptiveBatchSchedule(BatchSchedule):
 
     In a config (YAML, ``BatchRampTrainer(batch_schedule={...})``) its name is ``"adaptive"``:
 
-    >>> from hf_batchsched.schedules.batch import batch_schedule_from_config
+    >>> from hf_batchsched.schedules.batch_config import batch_schedule_from_config
     >>> schedule = batch_schedule_from_config({"name": "adaptive", "min_size": 16, "max_size": 100, "patience": 2})
     >>> type(schedule).__name__, schedule.max_size, schedule(0)
     ('AdaptiveBatchSchedule', 64, 16)
@@ -256,44 +256,45 @@ class AdaptiveBatchSchedule(BatchSchedule):
         self.checks_passed = 0
         self.estimator.reset()
 
+    @classmethod
+    def from_config(
+        cls,
+        *,
+        min_size: int,
+        max_size: int,
+        growth_factor: int = 2,
+        growth_threshold: float = 1.05,
+        patience: int = 3,
+        warmup_updates: int = 10,
+        lr_scaling: str | None = None,
+        beta: float = 0.99,
+        unit: str = "samples",
+        multiple: int = 1,
+    ) -> AdaptiveBatchSchedule:
+        """An ``AdaptiveBatchSchedule`` from a config; ``multiple`` (micro batch x world size) must divide
+        ``min_size``."""
+        if unit != "samples":
+            raise ConfigError(f"the adaptive batch schedule counts samples, got unit {unit!r}; leave 'unit' out")
+        schedule = cls(
+            min_size,
+            max_size,
+            growth_factor=growth_factor,
+            growth_threshold=growth_threshold,
+            patience=patience,
+            warmup_updates=warmup_updates,
+            lr_scaling=lr_scaling,
+            beta=beta,
+        )
+        multiple = _positive_int("multiple", multiple)
+        if schedule.min_size % multiple:
+            raise ConfigError(
+                f"adaptive min_size {min_size} is not a multiple of {multiple} (micro_batch_size * world_size); every "
+                f"size is min_size x growth_factor**k, so pick min_size = {(min_size // multiple + 1) * multiple}"
+            )
+        return schedule
+
     def __repr__(self) -> str:
         return (
             f"AdaptiveBatchSchedule(min_size={self.min_size}, max_size={self.max_size}, "
             f"growth_factor={self.growth_factor}, current_size={self.current_size}, events={len(self.events)})"
         )
-
-
-@BATCH_SCHEDULES.register("adaptive")
-def _make_adaptive(
-    *,
-    min_size: int,
-    max_size: int,
-    growth_factor: int = 2,
-    growth_threshold: float = 1.05,
-    patience: int = 3,
-    warmup_updates: int = 10,
-    lr_scaling: str | None = None,
-    beta: float = 0.99,
-    unit: str = "samples",
-    multiple: int = 1,
-) -> AdaptiveBatchSchedule:
-    """``AdaptiveBatchSchedule`` from a config; ``multiple`` (micro batch x world size) must divide ``min_size``."""
-    if unit != "samples":
-        raise ConfigError(f"the adaptive batch schedule counts samples, got unit {unit!r}; leave 'unit' out")
-    schedule = AdaptiveBatchSchedule(
-        min_size,
-        max_size,
-        growth_factor=growth_factor,
-        growth_threshold=growth_threshold,
-        patience=patience,
-        warmup_updates=warmup_updates,
-        lr_scaling=lr_scaling,
-        beta=beta,
-    )
-    multiple = _positive_int("multiple", multiple)
-    if schedule.min_size % multiple:
-        raise ConfigError(
-            f"adaptive min_size {min_size} is not a multiple of {multiple} (micro_batch_size * world_size); every "
-            f"size is min_size x growth_factor**k, so pick min_size = {(min_size // multiple + 1) * multiple}"
-        )
-    return schedule

@@ -52,7 +52,8 @@ class Policy:
 
 
 class Registry:
-    """Maps names to factories and checks keyword arguments against each factory's signature.
+    """Maps names to factories (a class, a classmethod or a function) and checks keyword arguments against each
+    factory's signature, so a registered class names its own valid keys.
 
     >>> registry = Registry("widget")
     >>> @registry.register("square")

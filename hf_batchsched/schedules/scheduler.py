@@ -10,7 +10,7 @@ Example:
 
 >>> import torch
 >>> from hf_batchsched.clock import TrainingClock
->>> from hf_batchsched.schedules.lr import make_lr_policy
+>>> from hf_batchsched.schedules.lr_config import make_lr_policy
 >>> clock = TrainingClock()
 >>> optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
 >>> policy = make_lr_policy("linear_decay", total=100, unit="samples")

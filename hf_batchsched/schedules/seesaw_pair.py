@@ -19,7 +19,7 @@ A base policy on ``steps`` is read at ``consumed / B0`` (the steps of the base r
 ``BatchRampTrainer(batch_schedule=<the SeesawBatch>)`` takes the LR schedule from it (``lr_policy`` must then be
 unset); in YAML: ``batch_schedule: {name: seesaw, lr_policy: {...}, base_batch_size: 64, max_batch_size: 512}``.
 
->>> from hf_batchsched.schedules.lr import make_lr_policy
+>>> from hf_batchsched.schedules.lr_config import make_lr_policy
 >>> base = make_lr_policy("NSTEP", k0=1e-3, gamma=0.5, l=[1000, 2000, 3000], unit="samples")
 >>> batch, lr = seesaw(base, base_batch_size=8, max_batch_size=32)
 >>> [(batch(c), f"{lr(c):.4g}") for c in (0, 1000, 2000, 3000)]
@@ -33,7 +33,9 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .base import Policy
-from .batch import BATCH_SCHEDULES, BatchSchedule, _check_batch_unit, _positive_int, lr_time_scale, round_batch_size
+from .batch_base import BatchSchedule, _check_batch_unit, _positive_int, round_batch_size
+from .lr_config import lr_policy_from_config, lr_policy_to_config
+from .smith import lr_time_scale
 
 __all__ = ["SeesawBatch", "check_seesaw_pair", "seesaw", "seesaw_lr"]
 
@@ -90,8 +92,6 @@ class SeesawBatch(BatchSchedule):
 
     def to_config(self) -> dict:
         """The ``seesaw`` arguments that rebuild this schedule (YAML/JSON-ready)."""
-        from .lr import lr_policy_to_config
-
         return {
             "name": "seesaw",
             "unit": self.unit,
@@ -102,6 +102,29 @@ class SeesawBatch(BatchSchedule):
             "warmup": self.warmup,
             "multiple": self.multiple,
         }
+
+    @classmethod
+    def from_config(
+        cls,
+        *,
+        lr_policy,
+        base_batch_size: int,
+        max_batch_size: int,
+        factor: int | None = 2,
+        warmup: float = 0.0,
+        unit: str = "samples",
+        multiple: int = 1,
+    ) -> SeesawBatch:
+        """The batch schedule of ``seesaw`` from a config (``lr_policy`` as a config or a ``Policy``)."""
+        return seesaw(
+            lr_policy_from_config(lr_policy),
+            base_batch_size,
+            max_batch_size,
+            factor=factor,
+            warmup=warmup,
+            unit=unit,
+            multiple=multiple,
+        )[0]
 
 
 def seesaw_lr(t: float, *, batch_schedule: SeesawBatch) -> float:
@@ -194,28 +217,3 @@ def check_seesaw_pair(batch_schedule, lr_policy, batch_size_multiple: int) -> Po
         unit=batch_schedule.unit,
         multiple=batch_schedule.multiple,
     )[1]
-
-
-@BATCH_SCHEDULES.register("seesaw")
-def _make_seesaw(
-    *,
-    lr_policy,
-    base_batch_size: int,
-    max_batch_size: int,
-    factor: int | None = 2,
-    warmup: float = 0.0,
-    unit: str = "samples",
-    multiple: int = 1,
-) -> SeesawBatch:
-    """The batch schedule of ``seesaw`` from a config (``lr_policy`` as a config or a ``Policy``)."""
-    from .lr import lr_policy_from_config
-
-    return seesaw(
-        lr_policy_from_config(lr_policy),
-        base_batch_size,
-        max_batch_size,
-        factor=factor,
-        warmup=warmup,
-        unit=unit,
-        multiple=multiple,
-    )[0]
