@@ -1,8 +1,9 @@
 """The batch-schedule registry (``BATCH_SCHEDULES``) and configs.
 
-Every registered name builds one class: the leaves of ``schedules.batch`` (their own constructors, so the
-registry names bad keys from the class signature), Smith et al.'s ``LRMatchedBatch``, Seesaw's ``SeesawBatch`` and the
-online ``AdaptiveBatchSchedule`` (through their ``from_config``, which read nested LR-policy configs). A config's
+Every registered name builds one class from its own signature, so the registry names bad keys: the leaves of
+``schedules.batch`` (their constructors; ``PiecewiseBatch.from_config`` also reads Megatron's string), Smith et al.'s
+``LRMatchedBatch`` and Seesaw's ``SeesawBatch`` (the batch half of ``equivalent_to_lr`` and ``seesaw``, which read
+nested LR-policy configs) and the online ``AdaptiveBatchSchedule`` (``from_config`` adds ``multiple``). A config's
 optional ``rounding`` block wraps the schedule in ``RoundedBatch``; every other key is the schedule's own.
 
 >>> cfg = {"name": "linear_ramp", "start": 16, "increment": 16, "ramp_samples": 96, "final": 48}
@@ -13,6 +14,7 @@ optional ``rounding`` block wraps the schedule in ``RoundedBatch``; every other 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 
 from ..errors import ConfigError, check_positive
@@ -20,8 +22,8 @@ from .adaptive import AdaptiveBatchSchedule
 from .base import Registry
 from .batch import ConstantBatch, GeometricBatch, LinearRampBatch, PiecewiseBatch
 from .batch_base import BatchSchedule, RoundedBatch, _is_number
-from .seesaw_pair import SeesawBatch
-from .smith import LRMatchedBatch
+from .seesaw_pair import seesaw
+from .smith import equivalent_to_lr
 
 __all__ = [
     "BATCH_SCHEDULES",
@@ -36,9 +38,23 @@ BATCH_SCHEDULES.register("constant")(ConstantBatch)
 BATCH_SCHEDULES.register("piecewise")(PiecewiseBatch.from_config)
 BATCH_SCHEDULES.register("linear_ramp")(LinearRampBatch)
 BATCH_SCHEDULES.register("geometric")(GeometricBatch)
-BATCH_SCHEDULES.register("equivalent_to_lr")(LRMatchedBatch.from_config)
+
+
+def _batch_of_pair(build_pair: Callable) -> Callable[..., BatchSchedule]:
+    """The batch schedule of a ``(batch_schedule, lr_policy)`` builder, registered with the builder's own signature
+    (so the registry names its valid keys)."""
+
+    def build(**params) -> BatchSchedule:
+        return build_pair(**params)[0]
+
+    build.__signature__ = inspect.signature(build_pair)
+    build.__name__ = build.__qualname__ = f"{build_pair.__name__}_batch"
+    return build
+
+
+BATCH_SCHEDULES.register("equivalent_to_lr")(_batch_of_pair(equivalent_to_lr))
 BATCH_SCHEDULES.register("adaptive")(AdaptiveBatchSchedule.from_config)
-BATCH_SCHEDULES.register("seesaw")(SeesawBatch.from_config)
+BATCH_SCHEDULES.register("seesaw")(_batch_of_pair(seesaw))
 
 
 def make_batch_schedule(name: str, *, rounding: Mapping | None = None, **params) -> BatchSchedule:

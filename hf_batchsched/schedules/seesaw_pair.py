@@ -29,6 +29,7 @@ unset); in YAML: ``batch_schedule: {name: seesaw, lr_policy: {...}, base_batch_s
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -103,29 +104,6 @@ class SeesawBatch(BatchSchedule):
             "multiple": self.multiple,
         }
 
-    @classmethod
-    def from_config(
-        cls,
-        *,
-        lr_policy,
-        base_batch_size: int,
-        max_batch_size: int,
-        factor: int | None = 2,
-        warmup: float = 0.0,
-        unit: str = "samples",
-        multiple: int = 1,
-    ) -> SeesawBatch:
-        """The batch schedule of ``seesaw`` from a config (``lr_policy`` as a config or a ``Policy``)."""
-        return seesaw(
-            lr_policy_from_config(lr_policy),
-            base_batch_size,
-            max_batch_size,
-            factor=factor,
-            warmup=warmup,
-            unit=unit,
-            multiple=multiple,
-        )[0]
-
 
 def seesaw_lr(t: float, *, batch_schedule: SeesawBatch) -> float:
     """Seesaw's LR: the base policy's value times ``sqrt(B(t) / B0)`` (same kind as the base policy)."""
@@ -134,7 +112,7 @@ def seesaw_lr(t: float, *, batch_schedule: SeesawBatch) -> float:
 
 
 def seesaw(
-    lr_policy: Policy,
+    lr_policy: Policy | Mapping | str,
     base_batch_size: int,
     max_batch_size: int,
     *,
@@ -146,7 +124,8 @@ def seesaw(
     """The Seesaw pair built from ``lr_policy``: ``(batch_schedule, lr_schedule)`` on the ``unit`` clock.
 
     Args:
-        lr_policy (`Policy`): the base LR policy with its decays (cosine, step, WSD, ...), either kind. On ``unit`` it
+        lr_policy (`Policy`, `dict` or `str`): the base LR policy with its decays (cosine, step, WSD, ...), either
+            kind (a config is read by ``lr_policy_from_config``). On ``unit`` it
             is read at the consumed samples/tokens; a ``steps`` policy (with ``unit="samples"``) at ``consumed / B0``.
         base_batch_size (`int`): ``B0``, the base run's constant batch (a multiple of ``multiple``).
         max_batch_size (`int`): the cap; rounded down to a multiple of ``multiple``.
@@ -160,8 +139,9 @@ def seesaw(
     Returns:
         `tuple[SeesawBatch, Policy]`: the batch schedule and the LR schedule.
     """
-    if not isinstance(lr_policy, Policy):
-        raise ConfigError(f"seesaw takes an LR Policy (see make_lr_policy), got {lr_policy!r}")
+    if not isinstance(lr_policy, (Policy, Mapping, str)):
+        raise ConfigError(f"seesaw takes an LR Policy (see make_lr_policy) or its config, got {lr_policy!r}")
+    lr_policy = lr_policy_from_config(lr_policy)
     _check_batch_unit(unit)
     multiple = _positive_int("multiple", multiple)
     base = _positive_int("base_batch_size", base_batch_size)

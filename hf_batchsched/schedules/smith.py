@@ -263,41 +263,6 @@ class LRMatchedBatch(BatchSchedule):
             "exact_noise": self.exact_noise,
         }
 
-    @classmethod
-    def from_config(
-        cls,
-        *,
-        lr_policy,
-        base_batch_size: int,
-        dataset_size: int,
-        max_batch_size: int | None = None,
-        optimizer: str = "sgd",
-        k: float | None = None,
-        momentum=None,
-        warmup: float = 0.0,
-        unit: str = "samples",
-        multiple: int = 1,
-        exact_noise: bool = False,
-    ) -> LRMatchedBatch:
-        """The batch schedule of ``equivalent_to_lr`` from a config (``lr_policy`` and a momentum policy as configs
-        or ``Policy``)."""
-        if isinstance(momentum, (Mapping, str)):
-            momentum = lr_policy_from_config(momentum)
-        schedule, _ = equivalent_to_lr(
-            lr_policy_from_config(lr_policy),
-            base_batch_size=base_batch_size,
-            dataset_size=dataset_size,
-            max_batch_size=max_batch_size,
-            optimizer=optimizer,
-            k=k,
-            momentum=momentum,
-            warmup=warmup,
-            unit=unit,
-            multiple=multiple,
-            exact_noise=exact_noise,
-        )
-        return schedule
-
 
 def residual_lr(t: float, *, batch_schedule: LRMatchedBatch) -> float:
     """The LR that keeps the noise of the original LR policy once the batch follows ``batch_schedule``.
@@ -337,19 +302,19 @@ def lr_time_scale(lr_policy: Policy, unit: str, base_batch_size: int, owner: str
 
 
 def equivalent_to_lr(
-    lr_policy: Policy,
+    lr_policy: Policy | Mapping | str,
     *,
     base_batch_size: int,
     dataset_size: int,
     max_batch_size: int | None = None,
     optimizer: str = "sgd",
     k: float | None = None,
-    momentum: Policy | float | None = None,
+    momentum: Policy | Mapping | float | None = None,
     warmup: float = 0.0,
     unit: str = "samples",
     multiple: int = 1,
     exact_noise: bool = False,
-) -> tuple[BatchSchedule, Policy]:
+) -> tuple[LRMatchedBatch, Policy]:
     """Turn a decaying LR policy into a growing batch plus a residual LR (Smith, Kindermans, Ying & Le 2018).
 
     The SGD noise scale is ``g = lr (N / B - 1) / (1 - m) ~ lr N / (B (1 - m))``, so dividing the LR by
@@ -362,7 +327,8 @@ def equivalent_to_lr(
     ``lr ~ sqrt(B)``, so an ``a``-fold LR decay becomes an ``a**2``-fold batch growth).
 
     Args:
-        lr_policy (`Policy`): the original LR policy (either kind). On ``unit`` it is read at the consumed
+        lr_policy (`Policy`, `dict` or `str`): the original LR policy (either kind; a config is read by
+            ``lr_policy_from_config``). On ``unit`` it is read at the consumed
             samples/tokens; on ``"steps"`` (with ``unit="samples"``) it is read at ``consumed / B0``, the steps of
             the original constant-batch run.
         base_batch_size (`int`): ``B0``, the original run's batch size.
@@ -370,9 +336,9 @@ def equivalent_to_lr(
         max_batch_size (`int`, *optional*): ``B_max``; defaults to ``dataset_size // 10`` (the paper's choice).
         optimizer (`str`, *optional*, defaults to `"sgd"`): ``"sgd"`` (``k = 1``) or ``"adam"`` (``k = 2``).
         k (`float`, *optional*): an explicit exponent, overriding ``optimizer``.
-        momentum (`float` or `Policy`, *optional*): the original run's momentum; a policy (on ``lr_policy``'s unit)
-            is folded into the batch (the new run holds momentum at its value ``m0`` at the end of warmup), a number
-            cancels out unless ``exact_noise``.
+        momentum (`float`, `Policy` or its config, *optional*): the original run's momentum; a policy (on
+            ``lr_policy``'s unit) is folded into the batch (the new run holds momentum at its value ``m0`` at the end
+            of warmup), a number cancels out unless ``exact_noise``.
         warmup (`float`, *optional*, defaults to `0.0`): the LR warmup's length ``w`` in ``lr_policy``'s unit: until
             then the batch stays ``B0`` and the LR follows ``lr_policy`` (warmup is for stability, not noise); the
             batch is ``B0`` at the LR ``lr(w)``.
@@ -401,8 +367,11 @@ def equivalent_to_lr(
     >>> simulate(ConstantBatch(128), 200 * epoch).num_steps, simulate(batch, 200 * epoch).num_steps
     (78125, 29142)
     """
-    if not isinstance(lr_policy, Policy):
-        raise ConfigError(f"equivalent_to_lr takes an LR Policy (see make_lr_policy), got {lr_policy!r}")
+    if not isinstance(lr_policy, (Policy, Mapping, str)):
+        raise ConfigError(f"equivalent_to_lr takes an LR Policy (see make_lr_policy) or its config, got {lr_policy!r}")
+    lr_policy = lr_policy_from_config(lr_policy)
+    if isinstance(momentum, (Mapping, str)):
+        momentum = lr_policy_from_config(momentum)
     _check_batch_unit(unit)
     base = _positive_int("base_batch_size", base_batch_size)
     n = _positive_int("dataset_size", dataset_size, " (the number of training samples)")
