@@ -86,6 +86,9 @@ class AdaptiveBatchSchedule(BatchSchedule):
         lr_scaling (`str`, *optional*): ``"linear"`` or ``"sqrt"`` to scale the LR with ``size / min_size``;
             ``None`` (default) leaves the LR alone (Smith et al.: the growing batch replaces LR decay).
         beta (`float`, *optional*, defaults to `0.99`): EMA decay of the owned ``GradientNoiseScale`` estimator.
+        multiple (`int`, *optional*, defaults to `1`): micro batch x world size; ``min_size`` must be a multiple of it
+            (so is every size, ``min_size * growth_factor**k``).
+        unit (`str`, *optional*, defaults to `"samples"`): the clock; only ``"samples"`` (a config may name it).
 
     ``unit`` is ``"samples"``: ``consumed`` is the clock's consumed samples. ``online`` is ``True``: the sizes depend
     on measurements, so ``simulate`` and ``hf-batchsched plot`` refuse the schedule (``RampBatchSampler.plan`` lays
@@ -113,7 +116,11 @@ class AdaptiveBatchSchedule(BatchSchedule):
         warmup_updates: int = 10,
         lr_scaling: str | None = None,
         beta: float = 0.99,
+        multiple: int = 1,
+        unit: str = "samples",
     ):
+        if unit != "samples":
+            raise ConfigError(f"the adaptive batch schedule counts samples, got unit {unit!r}; leave 'unit' out")
         self.min_size = _positive_int("min_size", min_size)
         requested_max = _positive_int("max_size", max_size)
         if requested_max < self.min_size:
@@ -135,6 +142,12 @@ class AdaptiveBatchSchedule(BatchSchedule):
         while reachable * self.growth_factor <= requested_max:
             reachable *= self.growth_factor
         self.max_size = reachable
+        multiple = _positive_int("multiple", multiple)
+        if self.min_size % multiple:
+            raise ConfigError(
+                f"adaptive min_size {min_size} is not a multiple of {multiple} (micro_batch_size * world_size); every "
+                f"size is min_size x growth_factor**k, so pick min_size = {(min_size // multiple + 1) * multiple}"
+            )
         self.estimator = GradientNoiseScale(beta=beta)
         self.events: list[dict] = []
         self.checks_passed = 0
@@ -255,43 +268,6 @@ class AdaptiveBatchSchedule(BatchSchedule):
         self.events = []
         self.checks_passed = 0
         self.estimator.reset()
-
-    @classmethod
-    def from_config(
-        cls,
-        *,
-        min_size: int,
-        max_size: int,
-        growth_factor: int = 2,
-        growth_threshold: float = 1.05,
-        patience: int = 3,
-        warmup_updates: int = 10,
-        lr_scaling: str | None = None,
-        beta: float = 0.99,
-        unit: str = "samples",
-        multiple: int = 1,
-    ) -> AdaptiveBatchSchedule:
-        """An ``AdaptiveBatchSchedule`` from a config; ``multiple`` (micro batch x world size) must divide
-        ``min_size``."""
-        if unit != "samples":
-            raise ConfigError(f"the adaptive batch schedule counts samples, got unit {unit!r}; leave 'unit' out")
-        schedule = cls(
-            min_size,
-            max_size,
-            growth_factor=growth_factor,
-            growth_threshold=growth_threshold,
-            patience=patience,
-            warmup_updates=warmup_updates,
-            lr_scaling=lr_scaling,
-            beta=beta,
-        )
-        multiple = _positive_int("multiple", multiple)
-        if schedule.min_size % multiple:
-            raise ConfigError(
-                f"adaptive min_size {min_size} is not a multiple of {multiple} (micro_batch_size * world_size); every "
-                f"size is min_size x growth_factor**k, so pick min_size = {(min_size // multiple + 1) * multiple}"
-            )
-        return schedule
 
     def __repr__(self) -> str:
         return (

@@ -3,7 +3,7 @@
 Every registered name builds one class from its own signature, so the registry names bad keys: the leaves of
 ``schedules.batch`` (their constructors; ``PiecewiseBatch.from_config`` also reads Megatron's string), Smith et al.'s
 ``LRMatchedBatch`` and Seesaw's ``SeesawBatch`` (the batch half of ``equivalent_to_lr`` and ``seesaw``, which read
-nested LR-policy configs) and the online ``AdaptiveBatchSchedule`` (``from_config`` adds ``multiple``). A config's
+nested LR-policy configs) and the online ``AdaptiveBatchSchedule``. A config's
 optional ``rounding`` block wraps the schedule in ``RoundedBatch``; every other key is the schedule's own.
 
 >>> cfg = {"name": "linear_ramp", "start": 16, "increment": 16, "ramp_samples": 96, "final": 48}
@@ -53,7 +53,7 @@ def _batch_of_pair(build_pair: Callable) -> Callable[..., BatchSchedule]:
 
 
 BATCH_SCHEDULES.register("equivalent_to_lr")(_batch_of_pair(equivalent_to_lr))
-BATCH_SCHEDULES.register("adaptive")(AdaptiveBatchSchedule.from_config)
+BATCH_SCHEDULES.register("adaptive")(AdaptiveBatchSchedule)
 BATCH_SCHEDULES.register("seesaw")(_batch_of_pair(seesaw))
 
 
