@@ -19,7 +19,6 @@ from collections.abc import Callable, Mapping, Sequence
 
 from ..clock import check_unit
 from ..errors import ConfigError
-from . import lrbench
 from .base import Policy, Registry
 from .lr import (
     ONE_CYCLE_ANNEALS,
@@ -34,6 +33,7 @@ from .lr import (
     warmup_stable_decay,
     with_warmup,
 )
+from .lrbench import LRBENCH_POLICIES
 
 __all__ = ["LR_POLICIES", "lr_policy_from_config", "lr_policy_to_config", "make_lr_policy"]
 
@@ -161,7 +161,7 @@ _LRBENCH_CHECKS = {
 }
 # The cyclic, cosine and restart families: k0, k1 >= 0, a positive (half-)period l, a decaying gamma.
 _CYCLIC_CHECKS = {"k0": _non_negative, "k1": _non_negative, "gamma": _decay_factor, "l": _positive}
-for _name, _fn in lrbench.LRBENCH_POLICIES.items():
+for _name, _fn in LRBENCH_POLICIES.items():
     _checks = _LRBENCH_CHECKS.get(_name)
     if _checks is None:
         _checks = {param: _CYCLIC_CHECKS[param] for param in list(inspect.signature(_fn).parameters)[1:]}
