@@ -13,7 +13,13 @@ from .adaptive import AdaptiveBatchSchedule
 from .base import Policy, Registry
 from .batch import ConstantBatch, GeometricBatch, LinearRampBatch, PiecewiseBatch
 from .batch_base import BatchSchedule, RoundedBatch, round_batch_size
-from .batch_config import BATCH_SCHEDULES, batch_schedule_from_config, batch_schedule_to_config, make_batch_schedule
+from .batch_config import (
+    BATCH_SCHEDULES,
+    as_batch_schedule,
+    batch_schedule_from_config,
+    batch_schedule_to_config,
+    make_batch_schedule,
+)
 from .lr import group_lrs_at, lr_at
 from .lr_config import LR_POLICIES, lr_policy_from_config, lr_policy_to_config, make_lr_policy
 from .scheduler import PolicyLRScheduler
@@ -34,6 +40,7 @@ __all__ = [
     "RoundedBatch",
     "SeesawBatch",
     "SimulatedRun",
+    "as_batch_schedule",
     "batch_schedule_from_config",
     "batch_schedule_to_config",
     "equivalent_to_lr",
