@@ -359,7 +359,7 @@ def test_single_chunk_steps_are_skipped(tmp_path, regression):
 def test_split_batch_slices_sample_tensors_and_refuses_what_has_none():
     """One splitter for the package (``probes._utils.split_batch``, also used by BN recalibration): tensors whose
     first dimension is the sample count are sliced, other values go to every chunk, container types are kept."""
-    from hf_batchsched.probes.noise_scale import split_batch
+    from hf_batchsched.batching import split_batch
 
     batch = {"input_ids": torch.arange(10).reshape(5, 2), "weights": torch.ones(3), "scale": 2.0}
     chunks = split_batch(batch, 2)
