@@ -23,10 +23,6 @@ from .options import ProbeOptions, check_option_values
 __all__ = ["hessian_trace", "lambda_max"]
 
 
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed))
-
-
 def _eos(
     objective: ProbeObjective,
     top: float,
@@ -126,7 +122,7 @@ def lambda_max(
     """
     check_option_values({"max_steps": max_steps, "tol": tol})
     options = ProbeOptions.build(probe, **probe_options)
-    generator = _generator(options.seed)
+    generator = options.generator()
     with probe_objective(model, batches, options) as objective:
         like = torch.zeros(1, dtype=objective.dtype, device=objective.device)
         result = lanczos(objective.hvp, objective.numel, max_steps, tol, generator, like=like)
@@ -162,7 +158,7 @@ def hessian_trace(
     """
     check_option_values({"num_probes": num_probes})
     options = ProbeOptions.build(probe, **probe_options)
-    generator = _generator(options.seed)
+    generator = options.generator()
     with probe_objective(model, batches, options) as objective:
         samples = []
         for _ in range(num_probes):

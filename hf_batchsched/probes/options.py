@@ -78,6 +78,10 @@ class ProbeOptions:
         if self.reuse_graph not in (None, True, False):
             raise ConfigError(f"reuse_graph must be True, False or None (automatic), got {self.reuse_graph!r}")
 
+    def generator(self) -> torch.Generator:
+        """A fresh local generator seeded by ``seed``, for the estimator's own random draws (noise, probe vectors)."""
+        return torch.Generator().manual_seed(int(self.seed))
+
     @classmethod
     def names(cls) -> tuple[str, ...]:
         """The option names, in declaration order."""

@@ -21,10 +21,6 @@ from .options import ProbeOptions, check_option_values
 __all__ = ["average_sharpness", "keskar_sharpness"]
 
 
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed))
-
-
 def average_sharpness(
     model: nn.Module,
     batches: Sequence,
@@ -65,7 +61,7 @@ def average_sharpness(
     """
     check_option_values({"sigma": sigma, "noise": noise, "num_samples": num_samples})
     options = ProbeOptions.build(probe, **probe_options)
-    generator = _generator(options.seed)
+    generator = options.generator()
     with probe_objective(model, batches, options) as objective:
         scales = []
         for ref in objective.space.reference():
