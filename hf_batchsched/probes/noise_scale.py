@@ -228,8 +228,9 @@ def estimate_noise_scale(
     The functional twin of ``NoiseScaleCallback``: splits ``batch`` into chunks of ``micro_batch_size`` samples,
     accumulates the gradient of ``loss_fn(model, chunk) * len(chunk) / len(batch)`` (so the total is the mean
     gradient of the batch), reads ``|G_Bs|²`` after the first chunk (the chunk's own mean gradient, rescaled) and
-    ``|G_Bb|²`` at the end. The model is left exactly as found: parameters, buffers are not stepped; ``.grad`` of
-    every parameter is restored; train/eval mode is not changed; the global RNG state is restored.
+    ``|G_Bb|²`` at the end. The model is left exactly as found: parameters are not stepped; buffers (BatchNorm
+    running statistics in train mode) and ``.grad`` of every parameter are restored; train/eval mode is not
+    changed; the global RNG state is restored.
 
     Args:
         model (`torch.nn.Module`): the model; its current mode (train/eval) is used as is.
@@ -261,6 +262,8 @@ def estimate_noise_scale(
         )
     params = [p for p in model.parameters() if p.requires_grad]
     saved_grads = [p.grad for p in params]
+    # a forward in train mode moves BatchNorm running statistics (and any other buffer a module updates)
+    saved_buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
     for p in params:
         p.grad = None
     try:
@@ -276,4 +279,7 @@ def estimate_noise_scale(
     finally:
         for p, grad in zip(params, saved_grads):
             p.grad = grad
+        with torch.no_grad():
+            for buffer, copy in saved_buffers:
+                buffer.copy_(copy)
     return NoiseScaleSample(float(sq_small), float(sq_big), sizes[0], total)
