@@ -30,7 +30,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from hf_batchsched.data import split_micro_chunks  # noqa: E402
+from hf_batchsched.batching import split_micro_chunks  # noqa: E402
 
 
 def collate(lengths: list[int], side: str) -> dict:

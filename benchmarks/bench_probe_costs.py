@@ -105,7 +105,9 @@ def forward_backward_seconds(model, batches, repeats: int = 5) -> float:
 
 
 def hvp_costs(model, batch, repeats: int) -> dict:
-    from hf_batchsched.probes.hvp import ProbeObjective, lanczos, preserved_model_state
+    from hf_batchsched.probes.hvp import ProbeObjective
+    from hf_batchsched.probes.lanczos import lanczos
+    from hf_batchsched.probes.preserve import preserved_model_state
 
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .batching import split_batch
 from .errors import ConfigError, check_positive
 from .probes.noise_scale import estimate_noise_scale
 
@@ -93,8 +94,7 @@ def _eval_loss(model, eval_rows: torch.Tensor, batch_size: int = 64) -> float:
     was_training = model.training
     model.eval()
     total = 0.0
-    for start in range(0, len(eval_rows), batch_size):
-        chunk = eval_rows[start : start + batch_size]
+    for chunk in split_batch(eval_rows, batch_size):
         total += float(_lm_loss(model, chunk)) * len(chunk)
     model.train(was_training)
     return total / len(eval_rows)
@@ -123,8 +123,7 @@ def _branch(
     params = [p for g in groups for p in g["params"]]
     for start in range(0, len(rows) - batch_size + 1, batch_size):
         batch = rows[start : start + batch_size]
-        for chunk_start in range(0, batch_size, micro):
-            chunk = batch[chunk_start : chunk_start + micro]
+        for chunk in split_batch(batch, micro):
             (_lm_loss(branch, chunk) * (len(chunk) / batch_size)).backward()
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)

@@ -102,6 +102,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, seed_worker
 
+from .batching import IGNORE_INDEX, batch_len, count_batch, packed_sequence_starts, split_micro_chunks
 from .callbacks._binding import bind_callbacks
 from .callbacks._state import save_callback_state
 from .checkpoint import (
@@ -119,7 +120,6 @@ from .checkpoint import (
 )
 from .clock import TrainingClock
 from .coupling import CouplingCallback, resolve_coupling
-from .data.batches import IGNORE_INDEX, batch_len, count_batch, packed_sequence_starts, split_micro_chunks
 from .data.lengths import sample_lengths
 from .data.sampler import DrawnStep, RampBatchSampler
 from .errors import ConfigError, check_choice, check_integer, check_positive

@@ -11,11 +11,12 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_batchsched.callbacks.batchnorm import BNRecalibrationCallback, FreezeBNCallback
 from hf_batchsched.errors import ConfigError
-from hf_batchsched.probes.batchnorm import (
+from hf_batchsched.model_utils import batchnorm_modules
+from hf_batchsched.testing import digits_image_dataset, tiny_resnet, tiny_training_args
+from hf_batchsched.transforms import (
     GhostBatchNorm1d,
     GhostBatchNorm2d,
     GhostSyncBatchNorm,
-    batchnorm_modules,
     convert_to_ghost_bn,
     freeze_bn,
     is_bn_frozen,
@@ -23,7 +24,6 @@ from hf_batchsched.probes.batchnorm import (
     revert_ghost_bn,
     unfreeze_bn,
 )
-from hf_batchsched.testing import digits_image_dataset, tiny_resnet, tiny_training_args
 
 
 def bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -395,7 +395,7 @@ def test_resume_from_checkpoint_restores_bn_running_statistics(tmp_path, digits)
 _RANK_SCRIPT = """
 import sys, torch
 from torch import nn
-from hf_batchsched.probes.batchnorm import recalibrate_bn
+from hf_batchsched.transforms import recalibrate_bn
 rank, init_file, out_file = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 torch.distributed.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=2)
 torch.manual_seed(0)

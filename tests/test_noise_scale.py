@@ -359,7 +359,7 @@ def test_single_chunk_steps_are_skipped(tmp_path, regression):
 def test_split_batch_slices_sample_tensors_and_refuses_what_has_none():
     """One splitter for the package (``probes._utils.split_batch``, also used by BN recalibration): tensors whose
     first dimension is the sample count are sliced, other values go to every chunk, container types are kept."""
-    from hf_batchsched.probes.noise_scale import split_batch
+    from hf_batchsched.batching import split_batch
 
     batch = {"input_ids": torch.arange(10).reshape(5, 2), "weights": torch.ones(3), "scale": 2.0}
     chunks = split_batch(batch, 2)
@@ -536,3 +536,17 @@ if __name__ == "__main__":  # the DDP worker (see test_chunk_weight_is_exact_for
     record = run_token_normalised(sys.argv[1], ddp_backend="gloo")
     with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as file:
         json.dump(record, file)
+
+
+def test_estimate_noise_scale_restores_batchnorm_statistics_of_a_train_mode_model():
+    """A probe leaves the model as found: its train-mode forwards move BN running statistics, which come back."""
+    from hf_batchsched.probes.noise_scale import estimate_noise_scale
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1)).train()
+    x, y = torch.randn(32, 3), torch.randn(32, 1)
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    mse = lambda model, chunk: torch.nn.functional.mse_loss(model(chunk[0]), chunk[1])  # noqa: E731
+    sample = estimate_noise_scale(model, mse, (x, y), micro_batch_size=8)
+    assert sample.b_big == 32 and model.training
+    assert all(torch.equal(before[name], buffer) for name, buffer in model.named_buffers())

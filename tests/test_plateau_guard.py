@@ -212,8 +212,8 @@ def test_one_spike_detector_implementation():
     """The guard's z-score detector and the stability monitor's loss-ratio detector are one class hierarchy: the
     window, spike counting, state and non-finite handling live in ``probes.stability.SpikeDetector`` only."""
     from hf_batchsched import callbacks, probes
-    from hf_batchsched.probes.stability import LossSpikeDetector
-    from hf_batchsched.probes.stability import SpikeDetector as Implementation
+    from hf_batchsched.probes.spikes import LossSpikeDetector
+    from hf_batchsched.probes.spikes import SpikeDetector as Implementation
 
     assert SpikeDetector is Implementation and callbacks.SpikeDetector is probes.SpikeDetector is Implementation
     assert issubclass(LossSpikeDetector, Implementation)

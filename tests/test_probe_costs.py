@@ -21,7 +21,9 @@ from torch import nn
 
 from hf_batchsched.errors import ConfigError
 from hf_batchsched.probes import _subspace, hvp
-from hf_batchsched.probes.hvp import ProbeObjective, lanczos, preserved_model_state
+from hf_batchsched.probes.hvp import ProbeObjective
+from hf_batchsched.probes.lanczos import lanczos
+from hf_batchsched.probes.preserve import preserved_model_state
 from hf_batchsched.probes.sharpness import keskar_sharpness, lambda_max
 from hf_batchsched.testing import tiny_llama
 

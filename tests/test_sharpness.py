@@ -12,7 +12,9 @@ from torch import nn
 from torch.func import functional_call
 
 from hf_batchsched.errors import ConfigError
-from hf_batchsched.probes.hvp import ProbeObjective, lanczos, power_iteration, preserved_model_state
+from hf_batchsched.probes.hvp import ProbeObjective
+from hf_batchsched.probes.lanczos import lanczos, power_iteration
+from hf_batchsched.probes.preserve import preserved_model_state
 from hf_batchsched.probes.sharpness import (
     average_sharpness,
     estimate_sharpness,

@@ -81,7 +81,7 @@ def test_values_reach_tensorboard_and_checkpoint_state(tmp_path):
     assert "train/sharpness/lambda_max" in scalars and "train/sharpness/eos_ratio" in scalars
 
     state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
-    stored = state["stateful_callbacks"][SharpnessProbeCallback.state_key]
+    stored = state["stateful_callbacks"][SharpnessProbeCallback.STATE_KEY]
     assert stored["num_probes"] == 2 and stored["last_probe_step"] == 4
     assert stored["probe_indices"] == callback.probe_indices and len(stored["probe_indices"]) == 8
 

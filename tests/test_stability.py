@@ -13,9 +13,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_batchsched.callbacks.stability import StabilityMonitorCallback
 from hf_batchsched.errors import ConfigError
-from hf_batchsched.probes.batchnorm import batchnorm_modules
+from hf_batchsched.model_utils import batchnorm_modules
+from hf_batchsched.probes.spikes import LossSpikeDetector
 from hf_batchsched.probes.stability import (
-    LossSpikeDetector,
     activation_profile,
     block_grad_norms,
     bn_profile,
@@ -301,19 +301,11 @@ def test_loss_spike_detector_ignores_small_absolute_jumps_near_zero_loss():
         LossSpikeDetector(min_delta=-1.0)
 
 
-def test_loss_spike_detector_reads_state_saved_under_its_former_keys():
-    """Checkpoints written before the detectors were merged stored ``history``/``last_ratio``."""
-    detector = LossSpikeDetector(window=3, min_history=2)
-    detector.load_state_dict({"history": [1.0, 2.0, 3.0, 4.0], "spikes": 1, "last_ratio": 0.5})
-    assert detector.history == [2.0, 3.0, 4.0] and detector.spikes == 1 and detector.last_ratio == 0.5
-    assert detector.state_dict() == {"values": [2.0, 3.0, 4.0], "spikes": 1, "last_score": 0.5}
-
-
 def test_loss_ratio_detector_ignores_rounding_near_zero_loss():
     """The stability monitor's ratio to the window's 90th percentile, with ``min_delta=0``: a memorised batch has
     float32 losses of 0 to a few 1e-8, so consecutive ratios of 3x and more are rounding, not divergence. The
     reference is floored at abs_floor (1e-6); a real jump is still caught."""
-    from hf_batchsched.probes.stability import LossSpikeDetector
+    from hf_batchsched.probes.spikes import LossSpikeDetector
 
     detector = LossSpikeDetector(window=50, threshold=3.0, min_history=5, min_delta=0.0)
     generator = torch.Generator().manual_seed(0)

@@ -1,6 +1,6 @@
 """Trainer callbacks for BatchNorm: recalibrate running statistics before evaluation, freeze BN layers.
 
-Thin shells over ``hf_batchsched.probes.batchnorm`` (``recalibrate_bn``, ``freeze_bn``); see there for the maths.
+Thin shells over ``hf_batchsched.transforms`` (``recalibrate_bn``, ``freeze_bn``); see there for the maths.
 
 | Metric | Meaning |
 |---|---|
@@ -19,7 +19,8 @@ from transformers import TrainerCallback
 from hf_batchsched.callbacks._binding import TrainerBoundCallback
 from hf_batchsched.callbacks._logging import log_metrics
 from hf_batchsched.errors import ConfigError, check_positive
-from hf_batchsched.probes.batchnorm import batchnorm_modules, freeze_bn, is_bn_frozen, recalibrate_bn, unfreeze_bn
+from hf_batchsched.model_utils import batchnorm_modules
+from hf_batchsched.transforms import freeze_bn, is_bn_frozen, recalibrate_bn, unfreeze_bn
 
 __all__ = ["BNRecalibrationCallback", "FreezeBNCallback"]
 

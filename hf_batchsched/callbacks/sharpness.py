@@ -14,7 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..errors import ConfigError, check_positive
-from ..probes._utils import to_device, world_size_and_rank
+from ..model_utils import to_device, world_size_and_rank
 from ..probes.sharpness import estimate_sharpness, validate_sharpness_options
 from ._binding import TrainerBoundCallback
 from ._logging import log_metrics
@@ -94,7 +94,6 @@ class SharpnessProbeCallback(TrainerBoundCallback, TrainerCallback):
     """
 
     STATE_KEY = "hf_batchsched.SharpnessProbeCallback"
-    state_key = STATE_KEY  # former name, kept
 
     def __init__(
         self,

@@ -55,7 +55,7 @@ from transformers import TrainerCallback
 
 from ..errors import ConfigError, check_choice
 from ..probes.noise_scale import grad_sq_norm
-from ..probes.stability import SpikeDetector
+from ..probes.spikes import SpikeDetector
 from ._binding import TrainerBoundCallback
 from ._logging import log_metrics
 from ._state import load_callback_state, save_callback_state

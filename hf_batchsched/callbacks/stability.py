@@ -1,8 +1,8 @@
 """``StabilityMonitorCallback``: depth profile of activations, per-block gradient norms, divergence alarms.
 
 A thin shell over ``hf_batchsched.probes.stability`` (functional twins: ``activation_profile``, ``bn_profile``,
-``block_grad_norms``, ``LossSpikeDetector``). Metrics (``<block>`` is a module name such as ``model.layers.3``,
-``<bn>`` a BN layer name; per-layer keys only with ``per_layer=True``):
+``block_grad_norms``) and ``hf_batchsched.probes.spikes.LossSpikeDetector``. Metrics (``<block>`` is a module
+name such as ``model.layers.3``, ``<bn>`` a BN layer name; per-layer keys only with ``per_layer=True``):
 
 | Metric | Meaning |
 |---|---|
@@ -34,15 +34,9 @@ from hf_batchsched.callbacks._binding import TrainerBoundCallback
 from hf_batchsched.callbacks._logging import log_metrics
 from hf_batchsched.callbacks._state import load_callback_state, save_callback_state
 from hf_batchsched.errors import ConfigError, check_positive
-from hf_batchsched.probes._utils import is_distributed, model_device
-from hf_batchsched.probes.batchnorm import batchnorm_modules
-from hf_batchsched.probes.stability import (
-    ActivationRecorder,
-    LossSpikeDetector,
-    block_grad_norms,
-    bn_profile,
-    find_blocks,
-)
+from hf_batchsched.model_utils import batchnorm_modules, is_distributed, model_device
+from hf_batchsched.probes.spikes import LossSpikeDetector
+from hf_batchsched.probes.stability import ActivationRecorder, block_grad_norms, bn_profile, find_blocks
 
 __all__ = ["StabilityMonitorCallback"]
 

@@ -1,12 +1,18 @@
-"""Functional twins of the callbacks: plain functions (and small state machines) that work without a Trainer.
+"""Measurements of a model that work without a Trainer (the functional twins of the callbacks).
 
-Each leaves the model exactly as found (parameters, buffers, gradients, train/eval mode, RNG state).
+Each probe leaves the model exactly as found: parameters, buffers (BatchNorm running statistics included),
+gradients, ``requires_grad`` flags, train/eval mode and RNG states. The sharpness probes and their HVP/Lanczos
+machinery restore all of it through ``preserve.preserved_model_state``; ``activation_profile`` restores the BN
+buffers and the RNG state it could move; ``estimate_noise_scale`` restores buffers, ``.grad`` and the RNG
+state; the rest only read (``bn_profile``, ``grad_sq_norm``, ``block_grad_norms``) or hold their own state (the
+spike detectors, ``GradientNoiseScale``). Model changes with an undo (ghost BN, freezing, BN recalibration) are
+in ``hf_batchsched.transforms``.
 """
 
-from .batchnorm import convert_to_ghost_bn, freeze_bn, recalibrate_bn, revert_ghost_bn, unfreeze_bn
 from .noise_scale import GradientNoiseScale, estimate_noise_scale, grad_sq_norm, two_batch_estimate
 from .sharpness import average_sharpness, estimate_sharpness, hessian_trace, keskar_sharpness, lambda_max
-from .stability import LossSpikeDetector, SpikeDetector, activation_profile, bn_profile
+from .spikes import LossSpikeDetector, SpikeDetector
+from .stability import activation_profile, bn_profile
 
 __all__ = [
     "GradientNoiseScale",
@@ -15,16 +21,11 @@ __all__ = [
     "activation_profile",
     "average_sharpness",
     "bn_profile",
-    "convert_to_ghost_bn",
     "estimate_noise_scale",
     "estimate_sharpness",
-    "freeze_bn",
     "grad_sq_norm",
     "hessian_trace",
     "keskar_sharpness",
     "lambda_max",
-    "recalibrate_bn",
-    "revert_ghost_bn",
     "two_batch_estimate",
-    "unfreeze_bn",
 ]

@@ -32,16 +32,15 @@ from typing import NamedTuple
 
 import torch
 
+from ..batching import batch_rows, split_batch
 from ..errors import ConfigError, check_positive
-from ._utils import batch_rows
-from ._utils import split_batch as _split_batch
+from ..model_utils import l2_norms
 
 __all__ = [
     "GradientNoiseScale",
     "NoiseScaleSample",
     "estimate_noise_scale",
     "grad_sq_norm",
-    "split_batch",
     "two_batch_estimate",
 ]
 
@@ -199,19 +198,10 @@ def grad_sq_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     device = grads[0].device
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for grad in grads:
-        grad = grad.to_dense() if grad.is_sparse else grad
-        # float64 stays float64; bf16/fp16/fp32 are normed in fp32 (vector_norm refuses a narrowing dtype).
-        groups.setdefault((grad.device, torch.promote_types(grad.dtype, torch.float32)), []).append(grad)
-    total = torch.zeros((), device=device, dtype=torch.float64 if any(k[1] == torch.float64 for k in groups) else None)
-    for (_, dtype), tensors in groups.items():
-        try:
-            norms = torch._foreach_norm(tensors, 2.0, dtype=dtype)
-        except (RuntimeError, TypeError):  # pragma: no cover - a torch without the foreach dtype argument
-            norms = [torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]
-        total = total + torch.stack(norms).square().sum().to(device)
-    return total
+    # float64 stays float64; bf16/fp16/fp32 are normed in fp32 (l2_norms)
+    squares = [norm.to(device).square() for norm in l2_norms(grads)]
+    dtype = torch.float64 if any(s.dtype == torch.float64 for s in squares) else torch.float32
+    return torch.stack([s.to(dtype) for s in squares]).sum()
 
 
 class NoiseScaleSample(NamedTuple):
@@ -227,24 +217,6 @@ class NoiseScaleSample(NamedTuple):
         return two_batch_estimate(self.sq_norm_small, self.sq_norm_big, self.b_small, self.b_big)
 
 
-def split_batch(batch, micro_batch_size: int) -> list:
-    """Split a batch (a tensor, a mapping or a sequence of tensors, samples along dim 0) into micro-chunks.
-
-    :func:`hf_batchsched.probes._utils.split_batch` with its arguments checked: tensors whose first dimension is
-    the sample count are sliced, other values go to every chunk.
-
-    >>> [chunk["x"].tolist() for chunk in split_batch({"x": torch.arange(5)}, 2)]
-    [[0, 1], [2, 3], [4]]
-    """
-    check_positive("micro_batch_size", micro_batch_size)
-    if batch_rows(batch) is None:
-        raise ConfigError(
-            f"cannot split a batch of type {type(batch).__name__} with no tensor of samples; pass a tensor, a dict or "
-            "a tuple of tensors with the samples along dimension 0"
-        )
-    return _split_batch(batch, micro_batch_size)
-
-
 def estimate_noise_scale(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, object], torch.Tensor],
@@ -256,8 +228,9 @@ def estimate_noise_scale(
     The functional twin of ``NoiseScaleCallback``: splits ``batch`` into chunks of ``micro_batch_size`` samples,
     accumulates the gradient of ``loss_fn(model, chunk) * len(chunk) / len(batch)`` (so the total is the mean
     gradient of the batch), reads ``|G_Bs|²`` after the first chunk (the chunk's own mean gradient, rescaled) and
-    ``|G_Bb|²`` at the end. The model is left exactly as found: parameters, buffers are not stepped; ``.grad`` of
-    every parameter is restored; train/eval mode is not changed; the global RNG state is restored.
+    ``|G_Bb|²`` at the end. The model is left exactly as found: parameters are not stepped; buffers (BatchNorm
+    running statistics in train mode) and ``.grad`` of every parameter are restored; train/eval mode is not
+    changed; the global RNG state is restored.
 
     Args:
         model (`torch.nn.Module`): the model; its current mode (train/eval) is used as is.
@@ -289,6 +262,8 @@ def estimate_noise_scale(
         )
     params = [p for p in model.parameters() if p.requires_grad]
     saved_grads = [p.grad for p in params]
+    # a forward in train mode moves BatchNorm running statistics (and any other buffer a module updates)
+    saved_buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
     for p in params:
         p.grad = None
     try:
@@ -304,4 +279,7 @@ def estimate_noise_scale(
     finally:
         for p, grad in zip(params, saved_grads):
             p.grad = grad
+        with torch.no_grad():
+            for buffer, copy in saved_buffers:
+                buffer.copy_(copy)
     return NoiseScaleSample(float(sq_small), float(sq_big), sizes[0], total)

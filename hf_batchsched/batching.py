@@ -1,4 +1,4 @@
-"""Counting and splitting collated step batches: padded rows, and packed (flattened, padding-free) rows.
+"""The package's one batch counter and splitter: collated step batches (padded and packed rows) and probe batches.
 
 A **padded** batch has one sequence per row (``input_ids`` of shape ``(rows, length)``, an ``attention_mask``).
 A **packed** batch holds many sequences in one row, as trl's ``SFTTrainer(packing=True)``/``padding_free=True``
@@ -7,18 +7,31 @@ the sequence boundaries given by ``position_ids`` that restart at 0 (or ``cu_seq
 
 ``split_micro_chunks`` cuts a padded batch into groups of at most ``max_micro_batch_size`` rows and a packed row
 at sequence boundaries into pieces of at most ``max_micro_batch_size`` sequences, so a chunk never holds more
-tokens than a padded chunk of the same number of sequences would.
+tokens than a padded chunk of the same number of sequences would (the Trainer's micro-chunks).
+
+``split_batch`` cuts any batch a ``DataLoader`` yields (a tensor, a mapping or a tuple/list of tensors, nested,
+samples along dimension 0) into chunks of at most ``micro_batch_size`` rows, keeping everything else as is (the
+probes' and BN recalibration's chunks). ``batch_rows`` counts those rows; both splitters slice with one function.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from .errors import ConfigError, check_positive
 
-__all__ = ["count_batch", "packed_sequence_starts", "split_micro_chunks"]
+__all__ = [
+    "IGNORE_INDEX",
+    "batch_len",
+    "batch_rows",
+    "count_batch",
+    "packed_sequence_starts",
+    "split_batch",
+    "split_micro_chunks",
+]
 
 # Per-example inputs of common model families, tried first when looking for the batch dimension (a collator may
 # add tensors that are not per-example, such as a shared 1-D ``position_ids``); any other tensor is the fallback.
@@ -29,16 +42,73 @@ _MAX_LENGTH_KEYS = ("max_length_q", "max_length_k")
 IGNORE_INDEX = -100
 
 
+def batch_rows(batch: Any) -> int | None:
+    """Samples in ``batch``: dim 0 of its first non-scalar tensor, looking inside mappings, tuples and lists.
+
+    In a mapping the per-example inputs of common model families (``input_ids``, ``labels``, ``pixel_values``, ...)
+    are tried first: a collator may add tensors that are not per-example, such as a shared 1-D ``position_ids``.
+    ``None`` for a batch with no such tensor.
+
+    >>> batch_rows({"attention_mask": torch.ones(3, 5), "labels": torch.zeros(3, 5)}), batch_rows({"n": 1})
+    (3, None)
+    >>> batch_rows({"position_ids": torch.arange(7), "input_ids": torch.ones(2, 7)})
+    2
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() > 0 else None
+    if isinstance(batch, Mapping):
+        values = [batch[key] for key in _PER_EXAMPLE_KEYS if key in batch] + list(batch.values())
+    else:
+        values = batch if isinstance(batch, (tuple, list)) else []
+    return next((rows for rows in map(batch_rows, values) if rows is not None), None)
+
+
 def batch_len(inputs: Mapping) -> int:
-    """Rows of a collated batch: dim 0 of its per-example tensors."""
-    candidates = [inputs.get(key) for key in _PER_EXAMPLE_KEYS] + list(inputs.values())
-    for value in candidates:
-        if torch.is_tensor(value) and value.dim() > 0:
-            return value.shape[0]
-    raise ConfigError(
-        f"cannot find the batch dimension: the collated batch (keys {sorted(inputs)}) has no tensor; the data "
-        "collator must return tensors"
-    )
+    """Rows of a collated batch (``batch_rows``); a ``ConfigError`` when it holds no tensor of samples."""
+    rows = batch_rows(inputs)
+    if rows is None:
+        raise ConfigError(
+            f"cannot find the batch dimension: the collated batch (keys {sorted(inputs)}) has no tensor; the data "
+            "collator must return tensors"
+        )
+    return rows
+
+
+def _slice_rows(batch: Any, start: int, stop: int, rows: int) -> Any:
+    """``batch`` with rows ``start:stop`` of every tensor whose dim 0 is ``rows``; other values kept; same types."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop] if batch.dim() > 0 and batch.shape[0] == rows else batch
+    if isinstance(batch, Mapping):
+        return type(batch)({key: _slice_rows(value, start, stop, rows) for key, value in batch.items()})
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_slice_rows(value, start, stop, rows) for value in batch)
+    return batch
+
+
+def split_batch(batch: Any, micro_batch_size: int | None) -> list[Any]:
+    """Chunks of at most ``micro_batch_size`` samples, in order; ``[batch]`` when it fits or there is no limit.
+
+    Tensors whose first dimension is the batch's sample count (``batch_rows``) are sliced; everything else
+    (scalars, strings, a tensor of another length) is passed to every chunk unchanged. Containers keep their type.
+    A batch with no tensor of samples cannot be split (``ConfigError``).
+
+    >>> [chunk["x"].tolist() for chunk in split_batch({"x": torch.arange(5), "scale": 2.0}, 2)]
+    [[0, 1], [2, 3], [4]]
+    >>> split_batch("text", None)
+    ['text']
+    """
+    if micro_batch_size is None:
+        return [batch]
+    check_positive("micro_batch_size", micro_batch_size)
+    rows = batch_rows(batch)
+    if rows is None:
+        raise ConfigError(
+            f"cannot split a batch of type {type(batch).__name__} with no tensor of samples; pass a tensor, a dict or "
+            "a tuple of tensors with the samples along dimension 0"
+        )
+    if rows <= micro_batch_size:
+        return [batch]
+    return [_slice_rows(batch, start, start + micro_batch_size, rows) for start in range(0, rows, micro_batch_size)]
 
 
 def packed_sequence_starts(inputs: Mapping) -> torch.Tensor | None:
@@ -224,13 +294,8 @@ def split_micro_chunks(
     padded = torch.is_tensor(mask) and mask.dim() == 2 and not bool(mask.all())
     if num_rows <= max_micro_batch_size and not padded:
         return [inputs]
-    chunks = []
-    for start in range(0, num_rows, max_micro_batch_size):
-        chunk = {
-            key: value[start : start + max_micro_batch_size]
-            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == num_rows
-            else value
-            for key, value in inputs.items()
-        }
-        chunks.append(_trim_padding(chunk, trim_leading, labels_shifted) if padded else chunk)
-    return chunks
+    chunks = [
+        _slice_rows(dict(inputs), start, start + max_micro_batch_size, num_rows)
+        for start in range(0, num_rows, max_micro_batch_size)
+    ]
+    return [_trim_padding(chunk, trim_leading, labels_shifted) for chunk in chunks] if padded else chunks
