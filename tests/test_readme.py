@@ -171,3 +171,65 @@ def test_the_readme_links_every_docs_page_and_the_pages_link_by_anchor():
     pages = {path for path in PAGES if path.startswith("docs/")}
     assert pages <= {target.partition("#")[0] for target in _links(README)}, "the README's table lists each page"
     assert sum("#" in target for text in PAGES.values() for target in _links(text)) >= 20, "the link checks check"
+
+
+YAML_BLOCKS = _blocks("yaml")
+
+
+@pytest.mark.parametrize(("page", "index", "code"), YAML_BLOCKS, ids=_ids(YAML_BLOCKS))
+def test_yaml_snippet_builds(page, index, code):
+    """A YAML block parses, and its `batch_schedule` / `lr_policy` build with today's config keys."""
+    import yaml
+
+    from hf_batchsched.schedules import batch_schedule_from_config, lr_policy_from_config
+
+    config = yaml.safe_load(code)
+    assert isinstance(config, dict), f"{page} yaml block {index}"
+    assert "batch_schedule" in config or "lr_policy" in config, f"{page} yaml block {index} configures nothing"
+    if "batch_schedule" in config:
+        batch_schedule_from_config(config["batch_schedule"])
+    if "lr_policy" in config:
+        lr_policy_from_config(config["lr_policy"])
+
+
+def _invocations() -> list[tuple[str, str, str]]:
+    """``(page, command, arguments)`` of each `hf-batchsched COMMAND ...` or `recipes/finetune.py ...` (the
+    `finetune` command) in a bash block or inline code, continuation lines joined, comments dropped."""
+    found = []
+    for page, text in PAGES.items():
+        commands = [code.replace("\\\n", " ") for code in re.findall(r"```bash\n(.*?)```", text, re.S)]
+        commands += re.findall(r"`([^`\n]*(?:recipes/finetune\.py|hf-batchsched [a-z])[^`\n]*)`", text)
+        for block in commands:
+            for line in block.splitlines():
+                match = re.search(r"(?:recipes/finetune\.py|hf-batchsched ([a-z][a-z-]*))(.*)", line.split("#")[0])
+                if match:
+                    found.append((page, match.group(1) or "finetune", match.group(2)))
+    return found
+
+
+def test_command_options_in_the_docs_exist():
+    """Every `--option` given to an `hf-batchsched` command (or the recipe script) is one its `--help` names: a
+    renamed flag or config key shows here. `finetune --help` lists the config keys, which are its options."""
+    import contextlib
+    import io
+
+    from hf_batchsched.cli import COMMANDS, main
+
+    helps: dict[str, set[str]] = {}
+    unknown = set()
+    invocations = _invocations()
+    for page, command, arguments in invocations:
+        if command not in COMMANDS:
+            continue  # test_every_cli_command_in_the_docs_exists reports it
+        if command not in helps:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+                main([command, "--help"])
+            helps[command] = set(re.findall(r"[a-z][a-z0-9_-]*", out.getvalue()))
+        unknown |= {
+            f"{page}: {command} --{key}"
+            for key in re.findall(r"--([a-z][a-z0-9_-]*)", arguments)
+            if key not in helps[command]
+        }
+    assert len(invocations) >= 20 and {"finetune", "plot", "critical-batch"} <= set(helps)
+    assert not unknown, f"the docs pass options the commands do not have: {sorted(unknown)}"
