@@ -37,7 +37,9 @@ from hf_batchsched.testing import (
 from hf_batchsched.trainer import BatchRampTrainer
 
 MAX_STEPS = 4
-README = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# the metric tables live on the docs pages the README links
+README = "\n".join(page.read_text() for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
 PREFIXES = ("batchsched/", "sharpness/", "bn/", "stability/", "lr/", "guard/")
 
 
