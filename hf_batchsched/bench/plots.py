@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-__all__ = ["new_figure", "plot_curves", "plot_lr_and_batch", "save_figure", "style_axes"]
+__all__ = ["new_figure", "panel_row", "plot_curves", "plot_lr_and_batch", "save_figure", "style_axes"]
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **kwargs):
@@ -30,6 +30,12 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], 
     import matplotlib.pyplot as plt
 
     return plt.subplots(nrows, ncols, figsize=figsize, **kwargs)
+
+
+def panel_row(count: int, *, width: float = 5, height: float = 4):
+    """``(figure, axes)``: ``count`` panels side by side, ``width`` x ``height`` inches each (``axes`` a list)."""
+    figure, axes = new_figure(1, count, figsize=(width * count, height), squeeze=False)
+    return figure, list(axes[0])
 
 
 def style_axes(

@@ -27,7 +27,7 @@ from .lm_task import (
     task_data,
     train_run,
 )
-from .plots import new_figure, save_figure, style_axes
+from .plots import panel_row, save_figure, style_axes
 from .range_test import lr_range_test
 
 __all__ = ["measure", "plot_critical_batch", "reproduce_critical_batch"]
@@ -134,8 +134,8 @@ def reproduce_critical_batch(output_dir: str | os.PathLike, config: LMConfig | N
 def plot_critical_batch(result: dict, path: pathlib.Path) -> None:
     """``B_crit`` and ``B_simple`` against tokens trained, one panel per task."""
     tasks = result["tasks"]
-    figure, axes = new_figure(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
-    for ax, (task, measured) in zip(axes[0], tasks.items()):
+    figure, axes = panel_row(len(tasks))
+    for ax, (task, measured) in zip(axes, tasks.items()):
         rows = measured["critical_batch"]
         tokens = [r["tokens"] / 1e6 for r in rows]
         ax.plot(tokens, [r["b_crit"] for r in rows], marker="o", label="B_crit (branch runs)")

@@ -19,7 +19,7 @@ import pathlib
 
 from .common import mean_std, write_result
 from .lm_task import LMConfig, check_config, constant_schedules, cosine_policy, output_name, train_run
-from .plots import new_figure, save_figure, style_axes
+from .plots import panel_row, save_figure, style_axes
 from .reproduce_critical_batch import measure, plot_critical_batch
 
 __all__ = ["ARMS", "arm_schedules", "cbs_warmup_schedule", "reproduce_seesaw"]
@@ -122,8 +122,8 @@ def reproduce_seesaw(output_dir: str | os.PathLike, config: LMConfig | None = No
 
 def _plot_seesaw(result: dict, path: pathlib.Path) -> None:
     tasks = result["tasks"]
-    figure, axes = new_figure(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
-    for ax, (task, measured) in zip(axes[0], tasks.items()):
+    figure, axes = panel_row(len(tasks))
+    for ax, (task, measured) in zip(axes, tasks.items()):
         for arm, cell in measured["arms"].items():
             ax.errorbar(
                 [cell["optimizer_steps"]],

@@ -146,6 +146,11 @@ def _with_suffixes(value):
     return value
 
 
+def _override(section: dict | None, **flags) -> dict:
+    """A copy of the config ``section`` with the flags that were given (not ``None``) on top."""
+    return {**(section or {}), **{key: value for key, value in flags.items() if value is not None}}
+
+
 def _merge_flags(config: dict, args: argparse.Namespace) -> dict:
     config = dict(config)
     if args.lr_policy or args.lr_param or args.lr_unit:
@@ -162,26 +167,21 @@ def _merge_flags(config: dict, args: argparse.Namespace) -> dict:
     if args.batch is not None:
         config["batch_schedule"] = args.batch if not args.batch_unit else {"spec": args.batch, "unit": args.batch_unit}
     if args.seesaw is not None or args.seesaw_factor is not None or isinstance(config.get("seesaw"), dict):
-        section = dict(config.get("seesaw") or {})
-        for key, value in (
-            ("base_batch_size", args.seesaw),
-            ("max_batch_size", args.max_batch_size),
-            ("factor", args.seesaw_factor),
-        ):
-            if value is not None:
-                section[key] = value
+        section = _override(
+            config.get("seesaw"),
+            base_batch_size=args.seesaw,
+            max_batch_size=args.max_batch_size,
+            factor=args.seesaw_factor,
+        )
         if section:
             config["seesaw"] = section
     elif args.equivalent_batch is not None or args.max_batch_size is not None or args.optimizer is not None:
-        section = dict(config.get("equivalent_to_lr") or {})
-        for key, value in (
-            ("base_batch_size", args.equivalent_batch),
-            ("max_batch_size", args.max_batch_size),
-            ("optimizer", args.optimizer),
-        ):
-            if value is not None:
-                section[key] = value
-        config["equivalent_to_lr"] = section
+        config["equivalent_to_lr"] = _override(
+            config.get("equivalent_to_lr"),
+            base_batch_size=args.equivalent_batch,
+            max_batch_size=args.max_batch_size,
+            optimizer=args.optimizer,
+        )
     for key in ("samples", "dataset_size", "epochs", "tokens_per_sample", "base_lr", "multiple"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
