@@ -5,8 +5,9 @@ from importlib import resources
 
 import pytest
 
+from hf_batchsched.bench.schedule_view import describe_run
 from hf_batchsched.cli import main
-from hf_batchsched.commands.plot import EXAMPLE_CONFIG, describe_run, load_plot_config
+from hf_batchsched.commands.plot import EXAMPLE_CONFIG, load_plot_config
 from hf_batchsched.schedules.batch_config import batch_schedule_from_config
 from hf_batchsched.schedules.simulate import simulate
 

@@ -7,13 +7,8 @@ import json
 
 import pytest
 
-from hf_batchsched.bench.lrbench import (
-    UTILITIES,
-    evaluate_utility,
-    load_lrbench_config,
-    rank_results,
-    run_lrbench,
-)
+from hf_batchsched.bench.lrbench import rank_results, run_lrbench
+from hf_batchsched.bench.lrbench_config import UTILITIES, evaluate_utility, load_lrbench_config
 from hf_batchsched.cli import main
 from hf_batchsched.commands.lrbench import EXAMPLE_CONFIG, EXAMPLE_RECIPE_CONFIG
 from hf_batchsched.errors import ConfigError
@@ -241,7 +236,7 @@ def test_recipe_task_runs_each_candidate_from_the_same_start(tmp_path, capsys):
 
 
 def test_recipe_task_builds_identical_initial_models(tmp_path):
-    from hf_batchsched.bench.lrbench import build_task
+    from hf_batchsched.bench.lrbench_tasks import build_task
 
     config = load_lrbench_config(
         {"recipe": tiny_recipe(tmp_path), "training": {"max_steps": 2}, "candidates": RECIPE_CANDIDATES}

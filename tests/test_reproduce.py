@@ -1,4 +1,4 @@
-"""Tests of ``hf_batchsched.bench.reproduce`` and ``hf-batchsched reproduce`` on tiny (``--quick``) settings.
+"""Tests of the reproductions, ``bench.overheads`` and ``hf-batchsched reproduce`` on tiny (``--quick``) settings.
 
 Nothing here checks a paper's result (those are the full runs in benchmarks/results/reproduce/); the tests check
 the machinery: files and keys written, optimizer updates equal to the schedule arithmetic, the parametric line
@@ -7,32 +7,23 @@ through the two solutions, the Bjorck summary and the overhead table read from t
 
 import dataclasses
 import json
+import pathlib
 
 import pytest
 import torch
 
 from hf_batchsched import cli
-from hf_batchsched.bench import reproduce
-from hf_batchsched.bench.reproduce import (
-    KESKAR_METRICS,
-    OVERHEAD_SOURCES,
-    REPO_ROOT,
-    SMITH_RUNS,
-    KeskarConfig,
-    MLPClassifier,
-    SmithConfig,
-    gather_overheads,
-    line_losses,
-    make_teacher_task,
-    mean_loss,
-    reproduce_bjorck,
-    reproduce_keskar,
-    reproduce_smith,
-    smith_schedules,
-    train_classifier,
-)
+from hf_batchsched.bench import overheads
+from hf_batchsched.bench import reproduce_smith as smith_module
+from hf_batchsched.bench.overheads import OVERHEAD_SOURCES, gather_overheads
+from hf_batchsched.bench.reproduce_bjorck import reproduce_bjorck
+from hf_batchsched.bench.reproduce_keskar import KESKAR_METRICS, KeskarConfig, line_losses, reproduce_keskar
+from hf_batchsched.bench.reproduce_smith import SMITH_RUNS, SmithConfig, reproduce_smith, smith_schedules
+from hf_batchsched.bench.task import MLPClassifier, make_teacher_task, mean_loss, train_classifier
 from hf_batchsched.errors import ConfigError
 from hf_batchsched.schedules.simulate import simulate
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]  # the checkout (benchmarks/results/ is read from it)
 
 # Two seeds, so the seed aggregation is exercised; 480 samples, 5 epochs, B0 = 8, B_max = N/10 = 48.
 SMITH_TINY = dataclasses.replace(SmithConfig.quick(), seeds=(0, 1))
@@ -247,7 +238,7 @@ def test_overheads_of_the_repository_match_its_json_files(tmp_path):
     for row in out["rows"]:
         filename, key = row["source"].split(":")
         path = results / filename
-        expected = reproduce._lookup(json.loads(path.read_text()), key) if path.is_file() else None
+        expected = overheads.lookup(json.loads(path.read_text()), key) if path.is_file() else None
         assert row["value"] == expected
 
 
@@ -276,7 +267,7 @@ def test_cli_smith_quick_prints_headline(tmp_path, capsys, monkeypatch):
             },
         }
 
-    monkeypatch.setattr(reproduce, "reproduce_smith", fake_smith)
+    monkeypatch.setattr(smith_module, "reproduce_smith", fake_smith)
     assert cli.main(["reproduce", "smith", "--quick", "--seed", "5", "--output-dir", str(tmp_path)]) == 0
     assert calls["config"].seeds == (5,) and calls["config"].num_train == SmithConfig.quick().num_train
     assert "target met: True" in capsys.readouterr().out

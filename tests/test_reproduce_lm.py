@@ -3,19 +3,19 @@
 import json
 import math
 
-from hf_batchsched.bench import reproduce_lm
+from hf_batchsched.bench import lm_task, reproduce_seesaw
 from hf_batchsched.cli import main
 
 
 def test_cbs_warmup_schedule_steps_up_to_measured_b_crit():
-    config = reproduce_lm.LMConfig(base_batch_size=8, max_batch_size=32)
+    config = lm_task.LMConfig(base_batch_size=8, max_batch_size=32)
     rows = [
         {"samples": 0, "b_crit": 8},
         {"samples": 100, "b_crit": 24},
         {"samples": 200, "b_crit": 16},
         {"samples": 300, "b_crit": 512},
     ]
-    schedule = reproduce_lm.cbs_warmup_schedule(rows, config)
+    schedule = reproduce_seesaw.cbs_warmup_schedule(rows, config)
     # 24 -> 16 (largest 8 * 2**k below it); a lower later B_crit never shrinks the batch; the cap is 32.
     assert schedule.thresholds == (0, 100, 300) and schedule.sizes == (8, 16, 32)
 
@@ -25,11 +25,11 @@ def test_reproduce_seesaw_quick(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "seesaw vs constant" in out and "range test" in out
     result = json.loads((tmp_path / "seesaw.json").read_text())
-    config = reproduce_lm.LMConfig.quick()
+    config = lm_task.LMConfig.quick()
     assert set(result["tasks"]) == {"pretrain", "lora"}
     for task, measured in result["tasks"].items():
         arms = measured["arms"]
-        assert set(arms) == set(reproduce_lm.ARMS)
+        assert set(arms) == set(reproduce_seesaw.ARMS)
         start = measured["critical_batch"][0]["loss_start"]  # the untrained (pretrain) / base (lora) model
         for arm, cell in arms.items():
             assert cell["tokens"] == config.total_samples * config.seq_length, (task, arm)  # equal tokens
@@ -57,7 +57,7 @@ def test_reproduce_critical_batch_quick_one_task(tmp_path, capsys):
     result = json.loads((tmp_path / "critical_batch-lora.json").read_text())
     assert (tmp_path / "critical_batch-lora.png").stat().st_size > 0
     rows = result["tasks"]["lora"]["critical_batch"]
-    assert [r["fraction"] for r in rows] == sorted(reproduce_lm.LMConfig.quick().cbs_fractions)
+    assert [r["fraction"] for r in rows] == sorted(lm_task.LMConfig.quick().cbs_fractions)
     assert rows[0]["samples"] == 0 and rows[-1]["samples"] > 0
     assert rows[-1]["loss_start"] < rows[0]["loss_start"]  # the reference run trained between the checkpoints
     assert rows[0]["losses"][0] < rows[0]["loss_start"]  # branches from the base model at the peak LR learn

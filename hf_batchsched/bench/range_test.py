@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, check_choice, check_positive
+from .plots import new_figure, save_figure, style_axes
 
 __all__ = ["RangeTestResult", "lr_range_test", "range_test_lrs", "suggest_lr"]
 
@@ -124,20 +125,20 @@ class RangeTestResult:
 
     def plot(self, path: str) -> str:
         """Save the loss-vs-LR curve (log x axis) with the suggestion marked; returns ``path``."""
-        import matplotlib.pyplot as plt
-
-        from .plots import save_figure
-
-        figure, axes = plt.subplots(figsize=(6, 4))
+        figure, axes = new_figure(figsize=(6, 4))
         axes.plot(self.lrs, self.losses, alpha=0.3, label="loss")
         axes.plot(self.lrs, self.smoothed_losses, label="smoothed loss")
         if self.suggestion is not None:
             axes.axvline(self.suggestion, color="red", linestyle="--", label=f"suggestion {self.suggestion:.2e}")
-        axes.set_xscale("log")
-        axes.set_xlabel("learning rate")
-        axes.set_ylabel("training loss")
-        axes.set_title(f"LR range test (rule: {self.rule} / {self.safety_factor:g})")
-        axes.legend()
+        style_axes(
+            axes,
+            title=f"LR range test (rule: {self.rule} / {self.safety_factor:g})",
+            xlabel="learning rate",
+            ylabel="training loss",
+            logx=True,
+            grid=False,
+            legend_fontsize=None,
+        )
         return save_figure(figure, path)
 
 

@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
     import yaml
     from transformers.utils import logging as hf_logging
 
@@ -35,12 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
 
     hf_logging.set_verbosity_error()
-    try:  # a recipe task tokenises its data once per run: no progress bars in the benchmark's output
-        import datasets
-
-        datasets.disable_progress_bars()
-    except ImportError:
-        pass
+    datasets.disable_progress_bars()  # a recipe task tokenises its data once per run: no bars in the output
     if not os.path.isfile(args.config):
         raise FileNotFoundError(f"config file {args.config!r} does not exist")
     with open(args.config) as file:

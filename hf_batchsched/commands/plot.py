@@ -20,22 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from importlib import resources
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..schedules.base import Policy
-from ..schedules.batch import ConstantBatch
-from ..schedules.batch_base import parse_quantity
+from ..schedules.batch import ConstantBatch, parse_quantity
 from ..schedules.batch_config import batch_schedule_from_config
-from ..schedules.lr import lr_at
 from ..schedules.lr_config import lr_policy_from_config, lr_policy_to_config
 from ..schedules.seesaw_pair import SeesawBatch, check_seesaw_pair, seesaw
-from ..schedules.simulate import SimulatedRun, simulate
+from ..schedules.simulate import simulate
 from ..schedules.smith import equivalent_to_lr
 
-__all__ = ["HELP", "EXAMPLE_CONFIG", "add_arguments", "describe_run", "load_plot_config", "run"]
+__all__ = ["HELP", "EXAMPLE_CONFIG", "add_arguments", "load_plot_config", "run"]
 
 HELP = "Plot an LR policy and a batch-size schedule over a run (PNG + table, or --json)."
 
@@ -147,6 +143,11 @@ def _with_suffixes(value):
     return value
 
 
+def _override(section: dict | None, **flags) -> dict:
+    """A copy of the config ``section`` with the flags that were given (not ``None``) on top."""
+    return {**(section or {}), **{key: value for key, value in flags.items() if value is not None}}
+
+
 def _merge_flags(config: dict, args: argparse.Namespace) -> dict:
     config = dict(config)
     if args.lr_policy or args.lr_param or args.lr_unit:
@@ -163,26 +164,21 @@ def _merge_flags(config: dict, args: argparse.Namespace) -> dict:
     if args.batch is not None:
         config["batch_schedule"] = args.batch if not args.batch_unit else {"spec": args.batch, "unit": args.batch_unit}
     if args.seesaw is not None or args.seesaw_factor is not None or isinstance(config.get("seesaw"), dict):
-        section = dict(config.get("seesaw") or {})
-        for key, value in (
-            ("base_batch_size", args.seesaw),
-            ("max_batch_size", args.max_batch_size),
-            ("factor", args.seesaw_factor),
-        ):
-            if value is not None:
-                section[key] = value
+        section = _override(
+            config.get("seesaw"),
+            base_batch_size=args.seesaw,
+            max_batch_size=args.max_batch_size,
+            factor=args.seesaw_factor,
+        )
         if section:
             config["seesaw"] = section
     elif args.equivalent_batch is not None or args.max_batch_size is not None or args.optimizer is not None:
-        section = dict(config.get("equivalent_to_lr") or {})
-        for key, value in (
-            ("base_batch_size", args.equivalent_batch),
-            ("max_batch_size", args.max_batch_size),
-            ("optimizer", args.optimizer),
-        ):
-            if value is not None:
-                section[key] = value
-        config["equivalent_to_lr"] = section
+        config["equivalent_to_lr"] = _override(
+            config.get("equivalent_to_lr"),
+            base_batch_size=args.equivalent_batch,
+            max_batch_size=args.max_batch_size,
+            optimizer=args.optimizer,
+        )
     for key in ("samples", "dataset_size", "epochs", "tokens_per_sample", "base_lr", "multiple"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
@@ -272,148 +268,9 @@ def _build(config: dict) -> dict:
     }
 
 
-def _lr_at_step(policy: Policy, run: SimulatedRun, index: int, base_lr: float, tokens_per_sample) -> float:
-    """The LR of step ``index``: the policy read on its own clock at the step's start."""
-    start = run.step_start(index)
-    if policy.unit == "samples":
-        t = start
-    elif policy.unit == "steps":
-        t = index
-    elif policy.unit == "tokens":
-        if not tokens_per_sample:
-            raise ConfigError("a tokens-unit LR policy needs --tokens-per-sample")
-        t = start * tokens_per_sample
-    else:
-        t = start / run.total_samples if run.total_samples else 0.0
-    return lr_at(policy, t, base_lr)
-
-
-def _scheduled_size(run: SimulatedRun, index: int) -> int:
-    """The scheduled size of step ``index`` (a partial last step shows the size it was cut from)."""
-    if index == run.num_steps - 1 and run.last_step_scheduled is not None:
-        return run.last_step_scheduled
-    return run.step_sizes[index]
-
-
-def describe_run(
-    lr_policy: Policy | None,
-    run: SimulatedRun,
-    *,
-    rows: int = 11,
-    dataset_size: int | None = None,
-    base_lr: float = 1.0,
-    tokens_per_sample: float | None = None,
-) -> list[dict]:
-    """Rows of the table: progress, samples, epochs, LR, batch size and optimizer steps so far.
-
-    Row ``i`` looks at sample ``s = total * i / (rows - 1)``; ``lr`` and ``batch_size`` are those of the optimizer
-    step that consumes it (the last step at 100%; a partial last step shows its scheduled size); ``steps`` counts the
-    steps completed before ``s`` (all of them at 100%).
-
-    Args:
-        lr_policy (`Policy`, *optional*): the LR policy (``None`` leaves the LR column empty).
-        run (`SimulatedRun`): ``simulate(batch_schedule, total_samples, ...)``.
-        rows (`int`, *optional*, defaults to `11`): rows evenly spaced in progress, 0% and 100% included.
-        dataset_size (`int`, *optional*): samples per epoch, for the epochs column.
-        base_lr (`float`, *optional*, defaults to `1.0`): the optimizer LR that multiplier policies scale.
-        tokens_per_sample (`float`, *optional*): for tokens-unit LR policies.
-
-    >>> from hf_batchsched.schedules.batch import PiecewiseBatch
-    >>> run = simulate(PiecewiseBatch.parse("0:10 50:20"), 100)
-    >>> [(r["samples"], r["batch_size"], r["steps"]) for r in describe_run(None, run, rows=3)]
-    [(0, 10, 0), (50, 20, 5), (100, 20, 8)]
-    """
-    if rows < 2:
-        raise ConfigError(f"--rows must be >= 2, got {rows}")
-    if not run.num_steps:
-        raise ConfigError("the run has no optimizer steps; give a positive --samples")
-    table = []
-    for i in range(rows):
-        samples = round(run.total_samples * i / (rows - 1))
-        index = run.step_index_at(samples)
-        table.append(
-            {
-                "progress": i / (rows - 1),
-                "samples": samples,
-                "epochs": samples / dataset_size if dataset_size else None,
-                "lr": _lr_at_step(lr_policy, run, index, base_lr, tokens_per_sample) if lr_policy else None,
-                "batch_size": _scheduled_size(run, index),
-                "steps": run.steps_done_at(samples) if samples < run.total_samples else run.num_steps,
-            }
-        )
-    return table
-
-
-def _format_table(table: list[dict], built: dict) -> str:
-    run = built["run"]
-    header = ["progress", "samples"] + (["epochs"] if built["dataset_size"] else []) + ["lr", "batch", "steps"]
-    lines = []
-    for row in table:
-        cells = [f"{row['progress']:.0%}", f"{row['samples']:,}"]
-        if built["dataset_size"]:
-            cells.append(f"{row['epochs']:.4g}")
-        cells += ["-" if row["lr"] is None else f"{row['lr']:.4g}", str(row["batch_size"]), f"{row['steps']:,}"]
-        lines.append(cells)
-    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header)]
-    out = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
-    out += ["  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in lines]
-    summary = f"optimizer steps: {run.num_steps:,} for {run.samples_consumed:,} samples"
-    if run.dropped_samples:
-        summary += f" ({run.dropped_samples:,} dropped)"
-    if run.last_step_scheduled is not None:
-        summary += f"; last step partial ({run.step_sizes[-1]:,} of {run.last_step_scheduled:,})"
-    if built["baseline_run"] is not None:
-        base = built["baseline_run"].num_steps
-        summary += f"; the constant-batch LR-decay run takes {base:,} ({base / max(run.num_steps, 1):.2f}x as many)"
-    out.append(summary)
-    return "\n".join(out)
-
-
-def _draw(built: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    run = built["run"]
-    points = [run.total_samples * i / 600 for i in range(601)]
-    indices = [run.step_index_at(x) for x in points]
-    fig, (ax_lr, ax_batch) = plt.subplots(2, 1, sharex=True, figsize=(7, 5.5), constrained_layout=True)
-    if built["lr_policy"] is not None:
-        extra = (built["base_lr"], built["tokens_per_sample"])
-        lr = [_lr_at_step(built["lr_policy"], run, i, *extra) for i in indices]
-        label = "LR with batch growth" if built["original_lr"] is not None else "LR"
-        ax_lr.plot(points, lr, drawstyle="steps-post", label=label)
-        if built["original_lr"] is not None:
-            base = built["baseline_run"]
-            original = [_lr_at_step(built["original_lr"], base, base.step_index_at(x), *extra) for x in points]
-            ax_lr.plot(points, original, "--", drawstyle="steps-post", label="original LR (constant batch)")
-        positive = [v for v in lr + (original if built["original_lr"] is not None else []) if v > 0]
-        if positive and max(positive) / min(positive) > 50:
-            ax_lr.set_yscale("log")
-        ax_lr.legend(loc="best", fontsize="small")
-    else:
-        ax_lr.text(0.5, 0.5, "no LR policy given", ha="center", va="center", transform=ax_lr.transAxes)
-    ax_lr.set_ylabel("learning rate")
-    ax_batch.plot(points, [_scheduled_size(run, i) for i in indices], drawstyle="steps-post", color="tab:orange")
-    if built["baseline_run"] is not None:
-        base_size = built["baseline_run"].step_sizes[0]
-        ax_batch.axhline(base_size, linestyle="--", color="tab:gray", label=f"original constant batch ({base_size})")
-        ax_batch.legend(loc="best", fontsize="small")
-    ax_batch.set_ylabel("global batch size")
-    ax_batch.set_xlabel("samples seen" + (f" (1 epoch = {built['dataset_size']:,})" if built["dataset_size"] else ""))
-    title = f"{run.num_steps:,} optimizer steps"
-    if built["baseline_run"] is not None:
-        title += f" (constant batch: {built['baseline_run'].num_steps:,})"
-    ax_lr.set_title(title)
-    for ax in (ax_lr, ax_batch):
-        ax.grid(alpha=0.3)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _to_json(table: list[dict], built: dict, png: str | None) -> dict:
+    from ..bench.common import jsonable
+
     run, batch = built["run"], built["batch"]
     try:
         batch_config = batch.to_config()
@@ -428,24 +285,16 @@ def _to_json(table: list[dict], built: dict, png: str | None) -> dict:
         "baseline_num_steps": built["baseline_run"].num_steps if built["baseline_run"] else None,
         "batch_schedule": batch_config,
         "batch_unit": batch.unit,
-        "lr_policy": _jsonable(lr_policy_to_config(lr_policy)) if lr_policy is not None else None,
+        "lr_policy": jsonable(lr_policy_to_config(lr_policy), non_finite=str) if lr_policy is not None else None,
         "lr_is_residual": built["original_lr"] is not None,
         "rows": table,
         "png": png,
     }
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
+    from ..bench.schedule_view import describe_run, draw_run, format_run_table
+
     if args.example and args.config:
         raise ConfigError("give --config FILE or --example, not both")
     config: dict = {}
@@ -464,11 +313,11 @@ def run(args: argparse.Namespace) -> int:
     )
     png = None if args.no_png else args.output
     if png:
-        _draw(built, png)
+        draw_run(built, png)
     if args.json:
         print(json.dumps(_to_json(table, built, png), indent=2))
     else:
-        print(_format_table(table, built))
+        print(format_run_table(table, built))
         if png:
             print(f"wrote {png}")
     return 0

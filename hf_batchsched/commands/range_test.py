@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from transformers import TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    from ..bench.lrbench import DEFAULT_CONFIG, _build_task, load_lrbench_config
+    from ..bench.lrbench_config import DEFAULT_CONFIG, load_lrbench_config
+    from ..bench.lrbench_tasks import build_task_data
     from ..bench.range_test import lr_range_test
     from ..trainer import BatchRampTrainer
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             raw = yaml.safe_load(file) or {}
         raw.setdefault("candidates", [{"policy": {"name": "constant"}}])
         config = load_lrbench_config(raw)
-    make_model, train_dataset, _ = _build_task(config["task"], int(config["seed"]))
+    make_model, train_dataset, _ = build_task_data(config["task"], int(config["seed"]))
     training = {k: v for k, v in config["training"].items() if k != "max_steps"}
     trainer = BatchRampTrainer(
         model=make_model(),

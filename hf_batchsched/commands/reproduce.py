@@ -1,4 +1,4 @@
-"""``hf-batchsched reproduce``: rerun the seed papers' experiments and the overhead table (see ``bench.reproduce``).
+"""``hf-batchsched reproduce``: rerun the seed papers' experiments and the overhead table (``bench.reproduce_*``).
 
 Usage::
 
@@ -8,7 +8,8 @@ Usage::
 Each experiment writes ``DIR/<name>.json`` (``bjorck``: ``bjorck_summary.json`` beside the benchmark's own
 ``bjorck.json``) and its PNG figures, and prints a one-line headline. ``--seed S`` shifts every seed of the
 experiment by ``S`` (smith averages over seeds ``S..S+2``, keskar over ``S..S+4``). ``seesaw`` and ``critical-batch``
-are the language-model experiments of ``bench.reproduce_lm`` (``seesaw`` measures the critical batch size too).
+are the language-model experiments of ``bench.reproduce_seesaw`` and ``bench.reproduce_critical_batch`` on
+``bench.lm_task`` (``seesaw`` measures the critical batch size too).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rerun",
         action="store_true",
-        help="overheads: rerun benchmarks/bench_*.py before gathering (rewrites benchmarks/results/*.json)",
+        help="overheads: rerun the checkout's benchmarks/bench_*.py first (rewrites benchmarks/results/*.json)",
     )
     parser.add_argument(
         "--reuse-bjorck",
@@ -97,7 +98,16 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from ..bench import reproduce
+    from ..bench import (
+        lm_report,
+        lm_task,
+        overheads,
+        reproduce_bjorck,
+        reproduce_critical_batch,
+        reproduce_keskar,
+        reproduce_seesaw,
+        reproduce_smith,
+    )
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
@@ -107,30 +117,31 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         start, cpu_start = time.perf_counter(), time.process_time()
         if name == "smith":
-            config = reproduce.SmithConfig.quick() if args.quick else reproduce.SmithConfig()
-            result = reproduce.reproduce_smith(args.output_dir, _with_seed_offset(config, args.seed), plot=plot)
+            config = reproduce_smith.SmithConfig.quick() if args.quick else reproduce_smith.SmithConfig()
+            result = reproduce_smith.reproduce_smith(args.output_dir, _with_seed_offset(config, args.seed), plot=plot)
         elif name == "keskar":
-            config = reproduce.KeskarConfig.quick() if args.quick else reproduce.KeskarConfig()
-            result = reproduce.reproduce_keskar(args.output_dir, _with_seed_offset(config, args.seed), plot=plot)
+            config = reproduce_keskar.KeskarConfig.quick() if args.quick else reproduce_keskar.KeskarConfig()
+            config = _with_seed_offset(config, args.seed)
+            result = reproduce_keskar.reproduce_keskar(args.output_dir, config, plot=plot)
         elif name == "bjorck":
-            result = reproduce.reproduce_bjorck(args.output_dir, quick=args.quick, rerun=not args.reuse_bjorck)
+            result = reproduce_bjorck.reproduce_bjorck(args.output_dir, quick=args.quick, rerun=not args.reuse_bjorck)
         elif name in ("seesaw", "critical-batch"):
-            from ..bench import reproduce_lm
-
-            config = reproduce_lm.LMConfig.quick() if args.quick else reproduce_lm.LMConfig()
+            config = lm_task.LMConfig.quick() if args.quick else lm_task.LMConfig()
             config = _with_seed_offset(config, args.seed)
             if args.task:
                 config = dataclasses.replace(config, tasks=(args.task,))
-            run_lm = reproduce_lm.reproduce_seesaw if name == "seesaw" else reproduce_lm.reproduce_critical_batch
-            result = run_lm(args.output_dir, config, plot=plot)
-            print(reproduce_lm.headline(name, result), flush=True)
+            if name == "seesaw":
+                result = reproduce_seesaw.reproduce_seesaw(args.output_dir, config, plot=plot)
+            else:
+                result = reproduce_critical_batch.reproduce_critical_batch(args.output_dir, config, plot=plot)
+            print(lm_report.headline(name, result), flush=True)
         else:
-            result = reproduce.gather_overheads(args.output_dir, rerun=args.rerun)
+            result = overheads.gather_overheads(args.output_dir, rerun=args.rerun)
         if name not in ("seesaw", "critical-batch"):
             print(_headline(name, result), flush=True)
         print(
             f"  ({name}: {time.perf_counter() - start:.1f} s wall, {time.process_time() - cpu_start:.1f} s CPU "
-            "in this process; a benchmark subprocess is not counted)",
+            "in this process; the benchmark scripts of overheads --rerun are not counted)",
             flush=True,
         )
     return 0
