@@ -35,6 +35,7 @@ from .probes.noise_scale import estimate_noise_scale
 __all__ = [
     "CriticalBatchResult",
     "critical_batch_size",
+    "eval_loss",
     "find_checkpoints",
     "format_table",
     "measure_checkpoints",
@@ -90,7 +91,9 @@ def _lm_loss(model, chunk):
 
 
 @torch.no_grad()
-def _eval_loss(model, eval_rows: torch.Tensor, batch_size: int = 64) -> float:
+def eval_loss(model, eval_rows: torch.Tensor, batch_size: int = 64) -> float:
+    """Mean next-token loss of ``model`` over ``eval_rows`` (token ids, one sequence a row), in eval mode and
+    without gradients, ``batch_size`` rows at a time; the model's train/eval mode is restored."""
     was_training = model.training
     model.eval()
     total = 0.0
@@ -194,7 +197,7 @@ def critical_batch_size(
         )
     generator = torch.Generator().manual_seed(seed)
     rows = train_rows[torch.randperm(len(train_rows), generator=generator)[:budget_samples]]
-    loss_start = _eval_loss(model, eval_rows)
+    loss_start = eval_loss(model, eval_rows)
     losses, lrs = [], []
     exponent = LR_RULES[lr_rule]
     with torch.random.fork_rng():
@@ -203,7 +206,7 @@ def critical_batch_size(
             lr = learning_rate * (b / sizes[0]) ** exponent
             micro = max(d for d in range(1, min(b, max_micro_batch_size) + 1) if b % d == 0)
             branch = _branch(model, optimizer_state, rows, b, lr, weight_decay, betas, max_grad_norm, micro)
-            losses.append(_eval_loss(branch, eval_rows))
+            losses.append(eval_loss(branch, eval_rows))
             lrs.append(lr)
             del branch
     b_crit = sizes[0]

@@ -19,7 +19,7 @@ def test_b_crit_is_largest_batch_within_tolerance(monkeypatch):
     # Stub the branch losses: B_crit is the largest batch before the first branch more than 1% worse than B_min.
     losses = iter([2.00, 2.01, 2.019, 2.05, 2.00])
     monkeypatch.setattr(cb, "_branch", lambda model, *a, **k: model)
-    monkeypatch.setattr(cb, "_eval_loss", lambda model, rows: next(losses))
+    monkeypatch.setattr(cb, "eval_loss", lambda model, rows: next(losses))
     result = cb.critical_batch_size(
         torch.nn.Linear(1, 1),
         _rows(64, 0),

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..critical_batch import _eval_loss as eval_loss
+from ..critical_batch import eval_loss
 from ..critical_batch import windows
 from ..errors import ConfigError, check_choice
 from .common import quiet_cpu_args

@@ -244,7 +244,12 @@ class RampBatchSampler(torch.utils.data.Sampler):
         """A copy that starts at another stream position (same data, schedule and caches), e.g. to plan a run."""
         other = copy.copy(self)
         other.consumed_rows = int(consumed_rows)
-        other._drawn = collections.deque()
+        return other
+
+    def __copy__(self) -> RampBatchSampler:
+        """A shallow copy shares the data, schedule and caches, not the steps drawn and not yet taken."""
+        other = type(self).__new__(type(self))
+        other.__dict__.update(self.__dict__, _drawn=collections.deque())
         return other
 
     # ---- cumulative counts over the stream -----------------------------------------------------
