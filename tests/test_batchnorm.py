@@ -6,9 +6,11 @@ import copy
 
 import pytest
 import torch
+from helpers import tiny_training_args
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from hf_batchsched.assets import digits_image_dataset, tiny_resnet
 from hf_batchsched.callbacks.batchnorm import BNRecalibrationCallback, FreezeBNCallback
 from hf_batchsched.errors import ConfigError
 from hf_batchsched.probes.batchnorm import (
@@ -23,7 +25,6 @@ from hf_batchsched.probes.batchnorm import (
     revert_ghost_bn,
     unfreeze_bn,
 )
-from hf_batchsched.testing import digits_image_dataset, tiny_resnet, tiny_training_args
 
 
 def bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -475,7 +476,7 @@ class BNTokenModel(nn.Module):
 
 
 def test_under_the_ramp_bn_sees_micro_chunks_of_the_configured_size(tmp_path):
-    from hf_batchsched.testing import synthetic_lm_dataset
+    from hf_batchsched.assets import synthetic_lm_dataset
     from hf_batchsched.trainer import BatchRampTrainer
 
     torch.manual_seed(0)

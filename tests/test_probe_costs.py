@@ -19,11 +19,11 @@ from test_sharpness import (
 )
 from torch import nn
 
+from hf_batchsched.assets import tiny_llama
 from hf_batchsched.errors import ConfigError
 from hf_batchsched.probes import _subspace, hvp
 from hf_batchsched.probes.hvp import ProbeObjective, lanczos, preserved_model_state
 from hf_batchsched.probes.sharpness import keskar_sharpness, lambda_max
-from hf_batchsched.testing import tiny_llama
 
 
 def _lanczos_run(model, batches, steps=6, loss_fn=_ce, train_mode=False, **options):

@@ -7,15 +7,16 @@ import os
 import pytest
 import torch
 from datasets import Dataset
+from helpers import tiny_training_args
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from hf_batchsched.assets import digits_image_dataset, tiny_llama, tiny_resnet
 from hf_batchsched.data import RampBatchSampler, count_batch, split_micro_chunks
 from hf_batchsched.errors import ConfigError
 from hf_batchsched.probes.batchnorm import freeze_bn
 from hf_batchsched.schedules.lr import lr_at, make_lr_policy
 from hf_batchsched.schedules.noise import sgd_noise
 from hf_batchsched.schedules.scheduler import PolicyLRScheduler
-from hf_batchsched.testing import digits_image_dataset, tiny_llama, tiny_resnet, tiny_training_args
 from hf_batchsched.trainer import BatchRampMixin, BatchRampTrainer
 
 torch.set_num_threads(1)

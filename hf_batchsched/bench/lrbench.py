@@ -26,7 +26,7 @@ Outputs (``write_reports``): ``results.md``, ``results.csv``, ``results.json`` (
 
 The task (what every candidate trains) comes from one of two sections:
 
-- ``task:`` (the default) needs no network: a tiny Llama (``hf_batchsched.testing.tiny_llama``) on
+- ``task:`` (the default) needs no network: a tiny Llama (``hf_batchsched.assets.tiny_llama``) on
   ``synthetic_lm_dataset``; ``task.model`` may name a local model folder and ``task.dataset`` a local JSON/JSONL
   file (``input_ids`` rows, or ``text`` rows tokenised with the model's tokenizer); ``training:`` holds the
   ``TrainingArguments``.
@@ -375,7 +375,7 @@ class CandidateResult:
 
 def _build_task(task: Mapping, seed: int):
     """``(make_model, train, eval)`` of the ``task:`` section (also used by ``hf-batchsched range-test``)."""
-    from ..testing import synthetic_lm_dataset, tiny_llama
+    from ..assets import synthetic_lm_dataset, tiny_llama
 
     if task is None:
         raise ConfigError("this config takes its task from 'recipe:'; only lrbench supports that, use a 'task:' here")

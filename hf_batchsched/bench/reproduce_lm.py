@@ -116,7 +116,7 @@ def _ids(tokenizer, texts) -> list[int]:
 
 def _task_data(task: str, config: LMConfig) -> dict:
     """Token rows and a model factory for ``task``."""
-    from .. import demo
+    from .. import assets as demo
 
     base_path, _ = demo.demo_base_model(fast=config.fast_base)
     from transformers import AutoTokenizer

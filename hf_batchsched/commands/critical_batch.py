@@ -68,7 +68,7 @@ def _texts(args) -> tuple[list[str], list[str] | None]:
         if missing:
             raise ConfigError(f"--text file(s) not found: {', '.join(missing)}")
         return [Path(t).read_text(encoding="utf-8", errors="replace") for t in args.text], None
-    from .. import demo
+    from .. import assets as demo
 
     if args.data == "demo-code":
         train, held_out = demo.demo_corpus()
