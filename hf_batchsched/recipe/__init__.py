@@ -42,7 +42,7 @@ from .data import load_data, pad_collator
 from .model import load_model_and_tokenizer
 from .parsing import load_config_file, parse_args, parse_config
 from .train import build_callbacks, build_trainer, finetune, remove_if_left_empty, resume_checkpoint, seed
-from .validation import available_callback_sections, validate
+from .validation import validate
 
 __all__ = [
     "CALLBACK_SECTIONS",
@@ -52,7 +52,6 @@ __all__ = [
     "ModelArguments",
     "PeftArguments",
     "RecipeArguments",
-    "available_callback_sections",
     "build_callbacks",
     "build_trainer",
     "config_keys",

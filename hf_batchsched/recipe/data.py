@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import assets
+from ..assets import demo_corpus
 from ..errors import ConfigError
 from .config import RecipeArguments
 
@@ -18,7 +18,7 @@ def _raw_data(args: RecipeArguments):
 
     data = args.data
     if data.dataset_name is None and not data.data_files:
-        train, held_out = assets.demo_corpus()
+        train, held_out = demo_corpus()
         return Dataset.from_dict({"text": train}), Dataset.from_dict({"text": held_out})
     if data.dataset_name is not None:
         loaded = load_dataset(data.dataset_name, data.dataset_config)

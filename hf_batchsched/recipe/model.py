@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .. import assets
+from ..assets import demo_corpus, demo_model, demo_tokenizer
 from ..errors import ConfigError
 from .config import RecipeArguments
 
@@ -19,10 +19,8 @@ def load_model_and_tokenizer(args: RecipeArguments, train_texts: list[str] | Non
 
     margs, pargs = args.model, args.peft
     if margs.model_name_or_path is None:
-        tokenizer = assets.demo_tokenizer(train_texts if train_texts is not None else assets.demo_corpus()[0])
-        model = assets.demo_model(
-            len(tokenizer), seed=args.training.seed, attn_implementation=margs.attn_implementation
-        )
+        tokenizer = demo_tokenizer(train_texts if train_texts is not None else demo_corpus()[0])
+        model = demo_model(len(tokenizer), seed=args.training.seed, attn_implementation=margs.attn_implementation)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

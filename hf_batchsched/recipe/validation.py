@@ -5,14 +5,13 @@ key."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 from collections.abc import Mapping
 
 from ..errors import ConfigError, check_choice
 from .config import CALLBACK_SECTIONS, PEFT_METHODS, RecipeArguments
 
-__all__ = ["available_callback_sections", "check_qlora_device", "validate"]
+__all__ = ["check_qlora_device", "validate"]
 
 
 def check_qlora_device(peft: str | None) -> None:
@@ -29,11 +28,6 @@ def callback_class(section: str):
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def available_callback_sections() -> list[str]:
-    """The callback sections whose modules are installed (``CALLBACK_SECTIONS`` lists all known ones)."""
-    return [s for s, path in CALLBACK_SECTIONS.items() if importlib.util.find_spec(path.split(":")[0]) is not None]
-
-
 def section_kwargs(section: str, value) -> dict:
     if value is True or value == "{}" or value == "":
         return {}
@@ -43,8 +37,6 @@ def section_kwargs(section: str, value) -> dict:
 
 
 def _check_callback_kwargs(section: str, kwargs: dict) -> None:
-    if section not in available_callback_sections():
-        raise ConfigError(f"config section {section!r} needs {CALLBACK_SECTIONS[section]}, which is not installed")
     signature = inspect.signature(callback_class(section).__init__)
     params = list(signature.parameters.values())[1:]
     accepted = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"trainer"}
