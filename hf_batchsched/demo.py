@@ -42,10 +42,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import set_seed
-
 from .assets import DEMO_CONFIG, demo_base_model
-from .recipe import build_trainer, load_data, load_model_and_tokenizer, parse_config
+from .recipe import build_trainer, load_data, load_model_and_tokenizer, parse_config, seed
 
 __all__ = [
     "DEMO_CONFIG",
@@ -229,7 +227,7 @@ def run_demo(
     config.update(overrides or {})
     args = parse_config(config)
     start = time.perf_counter()
-    set_seed(args.training.seed)  # the LoRA init draws from the global RNG before the Trainer seeds it
+    seed(args)  # the LoRA init draws from the global RNG before the Trainer seeds it
     model, tokenizer = load_model_and_tokenizer(args)
     train_dataset, eval_dataset = load_data(args, tokenizer)
     trainer = build_trainer(args, model, tokenizer, train_dataset, eval_dataset)
