@@ -38,14 +38,13 @@ import sys
 from hf_batchsched.errors import ConfigError
 from hf_batchsched.recipe import (
     build_trainer,
+    check_before_start,
     load_data,
     load_model_and_tokenizer,
     parse_args,
     remove_if_left_empty,
-    resume_checkpoint,
     seed,
 )
-from hf_batchsched.trainer import check_distributed_launch
 
 
 def main(argv: list[str] | None = None):
@@ -53,8 +52,7 @@ def main(argv: list[str] | None = None):
     # Config: YAML + command-line overrides, validated (unknown keys, bad values, QLoRA without a GPU).
     args = parse_args(argv)
     # Refused before anything is loaded or written: a launch that is not distributed, a resume with no checkpoint.
-    check_distributed_launch(args.training)
-    resume = resume_checkpoint(args)
+    resume = check_before_start(args)
     with remove_if_left_empty(args.training.output_dir):  # a run that fails early leaves no empty output_dir
         # Seeded first: LoRA's initial adapter weights come from the global generator.
         seed(args)

@@ -41,7 +41,15 @@ from .config import (
 from .data import load_data, pad_collator
 from .model import load_model_and_tokenizer
 from .parsing import load_config_file, parse_args, parse_config
-from .train import build_callbacks, build_trainer, finetune, remove_if_left_empty, resume_checkpoint, seed
+from .train import (
+    build_callbacks,
+    build_trainer,
+    check_before_start,
+    finetune,
+    remove_if_left_empty,
+    resume_checkpoint,
+    seed,
+)
 from .validation import validate
 
 __all__ = [
@@ -54,6 +62,7 @@ __all__ = [
     "RecipeArguments",
     "build_callbacks",
     "build_trainer",
+    "check_before_start",
     "config_keys",
     "finetune",
     "load_config_file",

@@ -104,8 +104,10 @@ def _as_words(config: Mapping, hints: dict) -> tuple[list[str], dict]:
             words += [f"--{key}", *map(str, value)]
         elif value is None or isinstance(value, (Mapping, list, tuple)):
             defaults[key] = dict(value) if isinstance(value, Mapping) else value
-        else:
-            words += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+        elif isinstance(value, bool):
+            words += [f"--{key}", str(value).lower()]
+        else:  # 2.0 reads as 2 (an integer key takes it); 1.5 stays 1.5 (refused there)
+            words += [f"--{key}", str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)]
     return words, defaults
 
 

@@ -14,7 +14,15 @@ from .data import load_data, pad_collator
 from .model import load_model_and_tokenizer
 from .validation import callback_class, named_error, section_kwargs
 
-__all__ = ["build_callbacks", "build_trainer", "finetune", "remove_if_left_empty", "resume_checkpoint", "seed"]
+__all__ = [
+    "build_callbacks",
+    "build_trainer",
+    "check_before_start",
+    "finetune",
+    "remove_if_left_empty",
+    "resume_checkpoint",
+    "seed",
+]
 
 
 def build_callbacks(args: RecipeArguments, trainer) -> list:
@@ -110,6 +118,16 @@ def seed(args: RecipeArguments) -> None:
         set_seed(args.training.seed)
 
 
+def check_before_start(args: RecipeArguments) -> str | None:
+    """Refuse, before anything is loaded or written, a launch that is not distributed
+    (``hf_batchsched.trainer.check_distributed_launch``) and a resume with no usable checkpoint; returns the
+    checkpoint to resume from (``resume_checkpoint``), or ``None``."""
+    from ..trainer import check_distributed_launch
+
+    check_distributed_launch(args.training)
+    return resume_checkpoint(args)
+
+
 @contextlib.contextmanager
 def remove_if_left_empty(output_dir: str | Path):
     """A run that stops before writing anything (a bad config found late, Ctrl-C) leaves no empty ``output_dir``."""
@@ -134,10 +152,7 @@ def finetune(args: RecipeArguments):
     4. trainer: ``BatchRampTrainer`` with the batch ramp and LR policy, plus every configured callback;
     5. train, evaluate, save (unless ``save_strategy: "no"``).
     """
-    from ..trainer import check_distributed_launch
-
-    check_distributed_launch(args.training)
-    resume = resume_checkpoint(args)
+    resume = check_before_start(args)
     with remove_if_left_empty(args.training.output_dir):
         seed(args)
         model, tokenizer = load_model_and_tokenizer(args)
