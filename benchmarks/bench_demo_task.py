@@ -46,8 +46,8 @@ import torch
 from transformers import PrinterCallback, TrainerCallback, set_seed
 from transformers.utils import logging as hf_logging
 
+from hf_batchsched.assets import DEMO_CONFIG, demo_base_model
 from hf_batchsched.callbacks.sharpness import SharpnessProbeCallback
-from hf_batchsched.demo import DEMO_CONFIG, demo_base_model
 from hf_batchsched.recipe import build_trainer, load_data, load_model_and_tokenizer, parse_config
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "demo_task.json"
@@ -495,7 +495,7 @@ def main() -> None:
     base_dir, trained = demo_base_model(fast=args.quick)
     commit = subprocess.run(["git", "log", "-1", "--format=%h %s"], capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(
-        ["git", "status", "--porcelain", "hf_batchsched/demo.py", "hf_batchsched/recipe.py"],
+        ["git", "status", "--porcelain", "hf_batchsched/demo.py", "hf_batchsched/recipe", "hf_batchsched/assets"],
         capture_output=True,
         text=True,
     ).stdout.strip()

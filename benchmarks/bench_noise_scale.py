@@ -30,10 +30,10 @@ import torch
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 from transformers.utils import logging as hf_logging
 
+from hf_batchsched.assets import synthetic_lm_dataset, tiny_llama
 from hf_batchsched.callbacks.noise_scale import NoiseScaleCallback
 from hf_batchsched.probes.noise_scale import GradientNoiseScale, grad_sq_norm
 from hf_batchsched.schedules.adaptive import AdaptiveBatchSchedule
-from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama
 from hf_batchsched.trainer import BatchRampTrainer
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "noise_scale.json"

@@ -46,7 +46,7 @@ LARGE = {"hidden_size": 128, "num_hidden_layers": 3, "intermediate_size": 256}
 def lora_model(seed: int = 0, **config):
     from peft import LoraConfig, get_peft_model
 
-    from hf_batchsched.testing import tiny_llama
+    from hf_batchsched.assets import tiny_llama
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -62,7 +62,7 @@ def lora_model(seed: int = 0, **config):
 
 
 def probe_batches(num_batches: int, batch_size: int, seq_len: int = 32):
-    from hf_batchsched.testing import synthetic_lm_dataset
+    from hf_batchsched.assets import synthetic_lm_dataset
 
     ds = synthetic_lm_dataset(num_samples=num_batches * batch_size, seq_len=seq_len)
     return [
@@ -218,8 +218,8 @@ def child(args) -> None:
     """Measure one Keskar call (or two) in this fresh process and print a json line."""
     if args.package:
         sys.path.insert(0, args.package)
+    from hf_batchsched.assets import tiny_llama
     from hf_batchsched.probes.sharpness import keskar_sharpness, lambda_max
-    from hf_batchsched.testing import tiny_llama
 
     torch.set_num_threads(1)
     model = tiny_llama(seed=0, **LARGE).eval()
@@ -339,7 +339,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    from hf_batchsched.testing import tiny_llama
+    from hf_batchsched.assets import tiny_llama
 
     torch.set_num_threads(1)
     repeats = 5 if args.quick else 15

@@ -59,7 +59,7 @@ def engine_args(engine: str) -> dict:
 def build(kind: str, engine: str, args, output_dir: str, **ramp_kwargs):
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
-    from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama
+    from hf_batchsched.assets import synthetic_lm_dataset, tiny_llama
     from hf_batchsched.trainer import BatchRampTrainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -18,11 +18,11 @@ import time
 
 import torch
 
+from hf_batchsched.assets import synthetic_lm_dataset, tiny_llama
 from hf_batchsched.probes.hvp import ProbeObjective
 from hf_batchsched.probes.lanczos import lanczos, power_iteration
 from hf_batchsched.probes.preserve import preserved_model_state
 from hf_batchsched.probes.sharpness import estimate_sharpness
-from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "sharpness.json"
 

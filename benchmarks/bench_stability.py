@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
+from hf_batchsched.assets import digits_image_dataset, synthetic_lm_dataset, tiny_llama, tiny_resnet
 from hf_batchsched.callbacks.stability import StabilityMonitorCallback
-from hf_batchsched.testing import digits_image_dataset, synthetic_lm_dataset, tiny_llama, tiny_resnet
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 def build(kind: str, args, output_dir: str, schedule=None, micro: int = 8, accumulation: int = 1):
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
-    from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama
+    from hf_batchsched.assets import synthetic_lm_dataset, tiny_llama
     from hf_batchsched.trainer import BatchRampTrainer
 
     use_cpu = not torch.cuda.is_available()

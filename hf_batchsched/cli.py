@@ -27,14 +27,7 @@ COMMANDS = {
 
 
 def _available_commands() -> dict:
-    modules = {}
-    for name, module_name in COMMANDS.items():
-        try:
-            modules[name] = importlib.import_module(f"hf_batchsched.commands.{module_name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"hf_batchsched.commands.{module_name}":
-                raise
-    return modules
+    return {name: importlib.import_module(f"hf_batchsched.commands.{module}") for name, module in COMMANDS.items()}
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

@@ -71,7 +71,7 @@ Metrics (added to every training log, so they reach every ``report_to`` integrat
 Example:
 
 >>> from transformers import TrainingArguments
->>> from hf_batchsched.testing import tiny_llama, synthetic_lm_dataset
+>>> from hf_batchsched.assets import tiny_llama, synthetic_lm_dataset
 >>> args = TrainingArguments("/tmp/ramp-doctest", per_device_train_batch_size=4, num_train_epochs=1,
 ...                          report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True)
 >>> trainer = BatchRampTrainer(model=tiny_llama(), args=args, train_dataset=synthetic_lm_dataset(32),

@@ -23,14 +23,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture
 def tiny_model():
-    from hf_batchsched.testing import tiny_llama
+    from hf_batchsched.assets import tiny_llama
 
     return tiny_llama(seed=0)
 
 
 @pytest.fixture
 def tiny_dataset():
-    from hf_batchsched.testing import synthetic_lm_dataset
+    from hf_batchsched.assets import synthetic_lm_dataset
 
     return synthetic_lm_dataset(num_samples=64, seq_len=16)
 

@@ -6,13 +6,14 @@ import copy
 
 import pytest
 import torch
+from helpers import tiny_training_args
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from hf_batchsched.assets import digits_image_dataset, tiny_resnet
 from hf_batchsched.callbacks.batchnorm import BNRecalibrationCallback, FreezeBNCallback
 from hf_batchsched.errors import ConfigError
 from hf_batchsched.model_utils import batchnorm_modules
-from hf_batchsched.testing import digits_image_dataset, tiny_resnet, tiny_training_args
 from hf_batchsched.transforms import (
     GhostBatchNorm1d,
     GhostBatchNorm2d,
@@ -475,7 +476,7 @@ class BNTokenModel(nn.Module):
 
 
 def test_under_the_ramp_bn_sees_micro_chunks_of_the_configured_size(tmp_path):
-    from hf_batchsched.testing import synthetic_lm_dataset
+    from hf_batchsched.assets import synthetic_lm_dataset
     from hf_batchsched.trainer import BatchRampTrainer
 
     torch.manual_seed(0)

@@ -9,9 +9,11 @@ callback did its work (its metric in ``log_history``), which it cannot do withou
 from __future__ import annotations
 
 import pytest
+from helpers import tiny_training_args
 from transformers import PrinterCallback, Trainer
 
 import hf_batchsched
+from hf_batchsched.assets import digits_image_dataset, synthetic_lm_dataset, tiny_llama, tiny_resnet
 from hf_batchsched.callbacks import (
     BNRecalibrationCallback,
     FreezeBNCallback,
@@ -23,13 +25,6 @@ from hf_batchsched.callbacks import (
     StabilityMonitorCallback,
 )
 from hf_batchsched.errors import ConfigError
-from hf_batchsched.testing import (
-    digits_image_dataset,
-    synthetic_lm_dataset,
-    tiny_llama,
-    tiny_resnet,
-    tiny_training_args,
-)
 from hf_batchsched.trainer import BatchRampTrainer, bind_callbacks
 
 MAX_STEPS = 4

@@ -14,9 +14,11 @@ import re
 from types import SimpleNamespace
 
 import pytest
+from helpers import tiny_training_args
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import TrainerControl
 
+from hf_batchsched.assets import digits_image_dataset, synthetic_lm_dataset, tiny_llama, tiny_resnet
 from hf_batchsched.callbacks import (
     BNRecalibrationCallback,
     LRMonitorCallback,
@@ -27,13 +29,6 @@ from hf_batchsched.callbacks import (
     StabilityMonitorCallback,
 )
 from hf_batchsched.callbacks._logging import log_metrics
-from hf_batchsched.testing import (
-    digits_image_dataset,
-    synthetic_lm_dataset,
-    tiny_llama,
-    tiny_resnet,
-    tiny_training_args,
-)
 from hf_batchsched.trainer import BatchRampTrainer
 
 MAX_STEPS = 4

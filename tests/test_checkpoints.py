@@ -14,11 +14,12 @@ import shutil
 
 import pytest
 import torch
+from helpers import tiny_training_args
 from transformers import PrinterCallback
 
+from hf_batchsched.assets import synthetic_lm_dataset, tiny_llama
 from hf_batchsched.checkpoint import RAMP_STATE_KEY, find_resume_checkpoint
 from hf_batchsched.errors import ConfigError
-from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama, tiny_training_args
 from hf_batchsched.trainer import BatchRampTrainer
 
 torch.set_num_threads(1)

@@ -4,11 +4,12 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_training_args
 
 from hf_batchsched import critical_batch as cb
+from hf_batchsched.assets import synthetic_lm_dataset, tiny_llama
 from hf_batchsched.cli import main
 from hf_batchsched.errors import ConfigError
-from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama, tiny_training_args
 
 
 def _rows(n, seed):
@@ -71,7 +72,7 @@ def test_bad_settings_refused(kwargs, match):
 def run_dir(tmp_path_factory):
     from transformers import Trainer
 
-    from hf_batchsched.demo import demo_tokenizer
+    from hf_batchsched.assets import demo_tokenizer
 
     out = tmp_path_factory.mktemp("run")
     text = "def f(x):\n    return x + 1\n" * 400

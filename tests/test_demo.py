@@ -7,70 +7,73 @@ from pathlib import Path
 
 import pytest
 
-from hf_batchsched import demo
+from hf_batchsched import assets, demo
+from hf_batchsched.assets import base_model
 from hf_batchsched.recipe import load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_config_is_the_shipped_yaml():
-    assert load_config_file(ROOT / "recipes" / "configs" / "demo_cpu.yaml") == demo.DEMO_CONFIG
+    assert load_config_file(ROOT / "recipes" / "configs" / "demo_cpu.yaml") == assets.DEMO_CONFIG
 
 
 def test_corpus_is_code_with_whole_modules_held_out():
-    train, held_out = demo.demo_corpus()
+    train, held_out = assets.demo_corpus()
     assert len(train) > 1000 and len(held_out) > 100  # 1,856 and 674 pieces with Python 3.11
-    modules = list(demo.stdlib_corpus().values())
+    modules = list(assets.stdlib_corpus().values())
     assert len(modules) > 100 and sum("def " in source for source in modules) > 100  # source files, not docstrings
-    pieces = [set(demo.code_chunks(source)) for source in modules]
+    pieces = [set(assets.code_chunks(source)) for source in modules]
     training_modules = [p for index, p in enumerate(pieces) if index % 8 != 7]
     assert set(held_out) == set().union(*pieces[7::8])  # every 8th module, whole
     assert set(train) <= set().union(*training_modules)
     assert all(len(piece) < 50 for piece in set(train) & set(held_out)), "only boilerplate (imports) in both"
     # The training split is a fixed sample cut at DEMO_TRAIN_CHARS, drawn from (nearly) every training module.
     total = sum(map(len, train))
-    assert demo.DEMO_TRAIN_CHARS <= total < demo.DEMO_TRAIN_CHARS + max(map(len, train))
+    assert assets.DEMO_TRAIN_CHARS <= total < assets.DEMO_TRAIN_CHARS + max(map(len, train))
     assert total < 0.3 * sum(map(len, (source for index, source in enumerate(modules) if index % 8 != 7)))
     assert sum(1 for p in training_modules if p & set(train)) > 0.9 * len(training_modules)
-    assert demo.demo_corpus.__wrapped__() == (train, held_out), "deterministic: no RNG, no dict or set order"
-    assert sum(map(len, demo.demo_corpus(max_train_chars=None)[0])) > 3 * total
+    assert assets.demo_corpus.__wrapped__() == (train, held_out), "deterministic: no RNG, no dict or set order"
+    assert sum(map(len, assets.demo_corpus(max_train_chars=None)[0])) > 3 * total
 
 
 def test_code_chunks_cut_at_definitions_and_keep_every_line():
-    source = (ROOT / "hf_batchsched" / "demo.py").read_text()
-    pieces = demo.code_chunks(source)
-    assert [line for line in "\n".join(pieces).splitlines() if line.strip()] == [
-        line for line in source.splitlines() if line.strip()
-    ]
+    sources = [(ROOT / "hf_batchsched" / path).read_text() for path in ("assets/text.py", "demo.py")]
+    pieces = []
+    for source in sources:
+        pieces += assets.code_chunks(source)
+        assert [line for line in "\n".join(assets.code_chunks(source)).splitlines() if line.strip()] == [
+            line for line in source.splitlines() if line.strip()
+        ]
     assert any(piece.startswith("def code_chunks(") for piece in pieces)
     assert any(piece.startswith("    @property\n    def eval_loss_drop(") for piece in pieces)  # a method, decorated
-    assert demo.code_chunks("x = 1\n\n\ny = 2\n") == ["x = 1", "y = 2"]
+    assert assets.code_chunks("x = 1\n\n\ny = 2\n") == ["x = 1", "y = 2"]
 
 
 def test_tokenizer_is_trained_once_then_cached(tmp_path):
     texts = ["Return the number of items in a container.", "Split the string at the first separator."] * 50
-    first = demo.demo_tokenizer(texts, vocab_size=300, directory=tmp_path)
+    first = assets.demo_tokenizer(texts, vocab_size=300, directory=tmp_path)
     files = list(tmp_path.glob("demo-tokenizer-*/tokenizer.json"))
     assert len(files) == 1
     stamp = files[0].stat().st_mtime_ns
-    second = demo.demo_tokenizer(texts, vocab_size=300, directory=tmp_path)
+    second = assets.demo_tokenizer(texts, vocab_size=300, directory=tmp_path)
     assert files[0].stat().st_mtime_ns == stamp, "the second call loads the cache instead of retraining"
     ids = second(texts[0])["input_ids"]
     assert ids == first(texts[0])["input_ids"] and second.decode(ids) == texts[0]  # byte-level: lossless
 
 
 def test_base_corpus_is_the_language_reference():
-    texts = demo.base_corpus()
+    texts = assets.base_corpus()
     assert len(texts) > 50 and sum(map(len, texts)) > 200_000  # 79 topics, 0.46 MB with Python 3.11
     assert any("assert" in text and "AssertionError" in text for text in texts)
-    code = set(demo.demo_corpus()[0]) | set(demo.demo_corpus()[1])
+    code = set(assets.demo_corpus()[0]) | set(assets.demo_corpus()[1])
     assert not set(texts) & code, "the base model never sees the fine-tuning text"
 
 
 def test_base_training_is_deterministic(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo, "BASE_TRAINING_FAST", {**demo.BASE_TRAINING_FAST, "steps": 3})
-    first, trained_first = demo.demo_base_model(fast=True, directory=tmp_path / "a")
-    second, trained_second = demo.demo_base_model(fast=True, directory=tmp_path / "b")
+    monkeypatch.setattr(base_model, "BASE_TRAINING_FAST", {**base_model.BASE_TRAINING_FAST, "steps": 3})
+    first, trained_first = assets.demo_base_model(fast=True, directory=tmp_path / "a")
+    second, trained_second = assets.demo_base_model(fast=True, directory=tmp_path / "b")
     assert trained_first and trained_second and first.name == second.name  # same settings: same cache key
     weights = [(path / "model.safetensors").read_bytes() for path in (first, second)]
     assert weights[0] == weights[1], "seeded single-thread training gives the same weights bit for bit"

@@ -19,8 +19,8 @@ pytest.importorskip("mlflow", reason="install the dev extra: pip install -e '.[d
 def logged_run(tmp_path_factory):
     import os
 
+    from hf_batchsched.assets import synthetic_lm_dataset, tiny_llama
     from hf_batchsched.recipe import build_trainer, parse_config
-    from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama
 
     root = tmp_path_factory.mktemp("logging")
     names = ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_SILENT", "MLFLOW_TRACKING_URI",

@@ -12,8 +12,10 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_training_args
 from transformers import PrinterCallback, TrainerCallback
 
+from hf_batchsched.assets import synthetic_lm_dataset, tiny_llama
 from hf_batchsched.callbacks.lr_monitor import LRMonitorCallback, param_group_lrs
 from hf_batchsched.clock import TrainingClock
 from hf_batchsched.errors import ConfigError
@@ -21,7 +23,6 @@ from hf_batchsched.schedules.base import Policy
 from hf_batchsched.schedules.lr import group_lrs_at
 from hf_batchsched.schedules.lr_config import LR_POLICIES, lr_policy_from_config, make_lr_policy
 from hf_batchsched.schedules.scheduler import PolicyLRScheduler
-from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama, tiny_training_args
 from hf_batchsched.trainer import BatchRampTrainer
 
 # A ramp (4 -> 8 samples per step), so the samples clock is not a multiple of the steps clock.

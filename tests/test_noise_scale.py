@@ -9,8 +9,10 @@ import os
 import pytest
 import torch
 from datasets import Dataset
+from helpers import tiny_training_args
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
+from hf_batchsched.assets import synthetic_lm_dataset, tiny_llama
 from hf_batchsched.callbacks.noise_scale import NoiseScaleCallback
 from hf_batchsched.errors import ConfigError
 from hf_batchsched.probes.noise_scale import (
@@ -19,7 +21,6 @@ from hf_batchsched.probes.noise_scale import (
     grad_sq_norm,
     two_batch_estimate,
 )
-from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama, tiny_training_args
 from hf_batchsched.trainer import BatchRampTrainer
 
 torch.set_num_threads(1)

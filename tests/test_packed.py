@@ -21,9 +21,9 @@ from test_trainer_ramp import (
 )
 from transformers import DataCollatorWithFlattening, PrinterCallback
 
+from hf_batchsched.assets import tiny_llama
 from hf_batchsched.batching import count_batch, packed_sequence_starts, split_micro_chunks
 from hf_batchsched.errors import ConfigError
-from hf_batchsched.testing import tiny_llama
 from hf_batchsched.trainer import BatchRampMixin, BatchRampTrainer
 
 torch.set_num_threads(1)

@@ -8,12 +8,13 @@ import pathlib
 
 import pytest
 import torch
+from helpers import tiny_training_args
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from hf_batchsched.assets import synthetic_lm_dataset, tiny_llama
 from hf_batchsched.callbacks.plateau import PlateauCallback, PlateauTracker, scale_learning_rates
 from hf_batchsched.callbacks.spike_guard import SpikeDetector, SpikeGuardCallback, gradient_norm
 from hf_batchsched.errors import ConfigError
-from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama, tiny_training_args
 from hf_batchsched.trainer import BatchRampTrainer
 
 

@@ -19,13 +19,13 @@ from test_sharpness import (
 )
 from torch import nn
 
+from hf_batchsched.assets import tiny_llama
 from hf_batchsched.errors import ConfigError
 from hf_batchsched.probes import _subspace, hvp
 from hf_batchsched.probes.hvp import ProbeObjective
 from hf_batchsched.probes.lanczos import lanczos
 from hf_batchsched.probes.preserve import preserved_model_state
 from hf_batchsched.probes.sharpness import keskar_sharpness, lambda_max
-from hf_batchsched.testing import tiny_llama
 
 
 def _lanczos_run(model, batches, steps=6, loss_fn=_ce, train_mode=False, **options):

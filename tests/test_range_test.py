@@ -10,12 +10,13 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_training_args
 from transformers import PrinterCallback, Trainer
 
+from hf_batchsched.assets import synthetic_lm_dataset, tiny_llama
 from hf_batchsched.bench.range_test import lr_range_test, range_test_lrs, suggest_lr
 from hf_batchsched.cli import main
 from hf_batchsched.errors import ConfigError
-from hf_batchsched.testing import synthetic_lm_dataset, tiny_llama, tiny_training_args
 from hf_batchsched.trainer import BatchRampTrainer
 
 

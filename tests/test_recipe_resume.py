@@ -40,8 +40,7 @@ sys.exit(main(sys.argv[1:]))
 @pytest.fixture(scope="module")
 def recipe_config(tmp_path_factory) -> Path:
     """A LoRA recipe (lora_dropout 0.05) with a 4 -> 8 -> 16 ramp on a tiny local Llama, saving every 2 steps."""
-    from hf_batchsched.demo import demo_tokenizer
-    from hf_batchsched.testing import tiny_llama
+    from hf_batchsched.assets import demo_tokenizer, tiny_llama
 
     root = tmp_path_factory.mktemp("recipe")
     words = "the batch grows while the learning rate stays and the loss falls on every step of training".split()

@@ -23,8 +23,7 @@ GPU_ONLY = {"llama8b_qlora.yaml"}  # bitsandbytes 4-bit needs CUDA; covered by t
 @pytest.fixture(scope="module")
 def tiny_local(tmp_path_factory):
     """A tiny Llama + BPE tokenizer saved to disk (a stand-in for a hub model) and a local JSONL file."""
-    from hf_batchsched.demo import demo_tokenizer
-    from hf_batchsched.testing import tiny_llama
+    from hf_batchsched.assets import demo_tokenizer, tiny_llama
 
     root = tmp_path_factory.mktemp("tiny")
     words = "the batch grows while the learning rate stays and the loss falls on every step of training".split()

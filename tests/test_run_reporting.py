@@ -12,9 +12,9 @@ import pytest
 from test_trainer_ramp import RecordingCollator, indexed_dataset, make_args
 from transformers import PrinterCallback
 
+from hf_batchsched.assets import tiny_llama
 from hf_batchsched.callbacks import LRMonitorCallback, SharpnessProbeCallback
 from hf_batchsched.errors import ConfigError
-from hf_batchsched.testing import tiny_llama
 from hf_batchsched.trainer import BatchRampTrainer
 
 PLAN = [8, 8, 16, 16, 16, 16]  # 80 samples over 2.5 passes of 32 rows

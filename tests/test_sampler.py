@@ -138,7 +138,7 @@ def test_token_clocked_schedule_uses_lengths():
 
 
 def test_sample_lengths_datasets_and_torch():
-    from hf_batchsched.testing import synthetic_lm_dataset
+    from hf_batchsched.assets import synthetic_lm_dataset
 
     dataset = synthetic_lm_dataset(5, seq_len=8, variable_length=True, seed=1)
     expected = [len(row) for row in dataset["input_ids"]]

@@ -71,7 +71,7 @@ def _exact_hessian(model, batches):
 def _lora_llama(attn_implementation="eager", lora_dropout=0.1, seed=0):
     from peft import LoraConfig, get_peft_model
 
-    from hf_batchsched.testing import tiny_llama
+    from hf_batchsched.assets import tiny_llama
 
     model = tiny_llama(seed=seed, attn_implementation=attn_implementation)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=lora_dropout)
@@ -87,7 +87,7 @@ def _lora_llama(attn_implementation="eager", lora_dropout=0.1, seed=0):
 
 
 def _lm_batches(num=2, batch_size=4, seq_len=12):
-    from hf_batchsched.testing import synthetic_lm_dataset
+    from hf_batchsched.assets import synthetic_lm_dataset
 
     ds = synthetic_lm_dataset(num_samples=num * batch_size, seq_len=seq_len)
     return [
@@ -480,7 +480,7 @@ def test_qlora_hvp_through_4bit_base_matches_dequantized_model(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from hf_batchsched.testing import tiny_llama
+    from hf_batchsched.assets import tiny_llama
 
     size = {"hidden_size": 64, "intermediate_size": 128}  # bnb's CPU repacking crashes on 32-wide weights
     tiny_llama(seed=0, **size).save_pretrained(tmp_path)

@@ -17,7 +17,7 @@ from hf_batchsched.errors import ConfigError
 def _lora_model():
     from peft import LoraConfig, get_peft_model
 
-    from hf_batchsched.testing import tiny_llama
+    from hf_batchsched.assets import tiny_llama
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -25,9 +25,10 @@ def _lora_model():
 
 
 def _trainer(tmp_path, model=None, dataset="default", **args):
+    from helpers import tiny_training_args
     from transformers import Trainer
 
-    from hf_batchsched.testing import synthetic_lm_dataset, tiny_training_args
+    from hf_batchsched.assets import synthetic_lm_dataset
 
     ds = synthetic_lm_dataset(num_samples=32, seq_len=12) if dataset == "default" else dataset
     return Trainer(

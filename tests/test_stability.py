@@ -8,9 +8,11 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_training_args
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from hf_batchsched.assets import digits_image_dataset, synthetic_lm_dataset, tiny_llama, tiny_resnet
 from hf_batchsched.callbacks.stability import StabilityMonitorCallback
 from hf_batchsched.errors import ConfigError
 from hf_batchsched.model_utils import batchnorm_modules
@@ -21,13 +23,6 @@ from hf_batchsched.probes.stability import (
     bn_profile,
     find_blocks,
     log_rms_slope,
-)
-from hf_batchsched.testing import (
-    digits_image_dataset,
-    synthetic_lm_dataset,
-    tiny_llama,
-    tiny_resnet,
-    tiny_training_args,
 )
 
 

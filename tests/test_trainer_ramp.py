@@ -7,8 +7,10 @@ import os
 import pytest
 import torch
 from datasets import Dataset
+from helpers import tiny_training_args
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from hf_batchsched.assets import digits_image_dataset, tiny_llama, tiny_resnet
 from hf_batchsched.batching import count_batch, split_micro_chunks
 from hf_batchsched.data import RampBatchSampler
 from hf_batchsched.errors import ConfigError
@@ -16,7 +18,6 @@ from hf_batchsched.schedules.lr import lr_at
 from hf_batchsched.schedules.lr_config import make_lr_policy
 from hf_batchsched.schedules.scheduler import PolicyLRScheduler
 from hf_batchsched.schedules.smith import sgd_noise
-from hf_batchsched.testing import digits_image_dataset, tiny_llama, tiny_resnet, tiny_training_args
 from hf_batchsched.trainer import BatchRampMixin, BatchRampTrainer
 from hf_batchsched.transforms import freeze_bn
 

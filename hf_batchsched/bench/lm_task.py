@@ -21,8 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..critical_batch import eval_loss
-from ..critical_batch import windows
+from ..critical_batch import eval_loss, windows
 from ..errors import ConfigError, check_choice
 from .common import quiet_cpu_args
 
@@ -108,29 +107,29 @@ def _ids(tokenizer, texts) -> list[int]:
 
 def task_data(task: str, config: LMConfig) -> dict:
     """Token rows and a model factory for ``task``."""
-    from .. import demo
+    from .. import assets
 
-    base_path, _ = demo.demo_base_model(fast=config.fast_base)
+    base_path, _ = assets.demo_base_model(fast=config.fast_base)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_path))
     if task == "pretrain":
-        train, held_out = demo.demo_corpus(max_train_chars=None)
+        train, held_out = assets.demo_corpus(max_train_chars=None)
         if config.total_samples <= 256:  # quick: a prefix of the text is enough
-            train = demo.demo_corpus()[0]
+            train = assets.demo_corpus()[0]
 
         def make_model(seed: int):
-            return demo.demo_model(len(tokenizer), seed=seed)
+            return assets.demo_model(len(tokenizer), seed=seed)
 
     else:
-        train, held_out = demo.demo_corpus()
+        train, held_out = assets.demo_corpus()
 
         def make_model(seed: int):
             from peft import LoraConfig, get_peft_model
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(str(base_path))
-            cfg = demo.DEMO_CONFIG
+            cfg = assets.DEMO_CONFIG
             lora = LoraConfig(
                 r=cfg["lora_r"],
                 lora_alpha=cfg["lora_alpha"],

@@ -26,7 +26,7 @@ Outputs (``write_reports``): ``results.md``, ``results.csv``, ``results.json`` (
 
 The task (what every candidate trains) comes from one of two sections:
 
-- ``task:`` (the default) needs no network: a tiny Llama (``hf_batchsched.testing.tiny_llama``) on
+- ``task:`` (the default) needs no network: a tiny Llama (``hf_batchsched.assets.tiny_llama``) on
   ``synthetic_lm_dataset``; ``task.model`` may name a local model folder and ``task.dataset`` a local JSON/JSONL
   file (``input_ids`` rows, or ``text`` rows tokenised with the model's tokenizer); ``training:`` holds the
   ``TrainingArguments``.

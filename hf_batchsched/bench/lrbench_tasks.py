@@ -14,7 +14,7 @@ __all__ = ["build_task", "build_task_data"]
 
 def build_task_data(task: Mapping, seed: int):
     """``(make_model, train, eval)`` of the ``task:`` section (also used by ``hf-batchsched range-test``)."""
-    from ..testing import synthetic_lm_dataset, tiny_llama
+    from ..assets import synthetic_lm_dataset, tiny_llama
 
     if task is None:
         raise ConfigError("this config takes its task from 'recipe:'; only lrbench supports that, use a 'task:' here")

@@ -68,12 +68,12 @@ def _texts(args) -> tuple[list[str], list[str] | None]:
         if missing:
             raise ConfigError(f"--text file(s) not found: {', '.join(missing)}")
         return [Path(t).read_text(encoding="utf-8", errors="replace") for t in args.text], None
-    from .. import demo
+    from .. import assets
 
     if args.data == "demo-code":
-        train, held_out = demo.demo_corpus()
+        train, held_out = assets.demo_corpus()
         return train, held_out
-    texts = list(demo.base_corpus())
+    texts = list(assets.base_corpus())
     return [t for i, t in enumerate(texts) if i % 8 != 7], [t for i, t in enumerate(texts) if i % 8 == 7]
 
 

@@ -1,6 +1,6 @@
 """``hf-batchsched finetune --config recipe.yaml [--key value ...]``: the bundled recipe in one process.
 
-Same code path as ``recipes/finetune.py`` (``hf_batchsched.recipe.finetune``); use ``accelerate launch`` on that
+The same steps as ``recipes/finetune.py`` (``hf_batchsched.recipe.finetune``); use ``accelerate launch`` on that
 script for several GPUs.
 """
 
