@@ -28,11 +28,15 @@ hf_batchsched.errors.ConfigError: checkpoint .../checkpoint-3 is incomplete: tra
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import re
+import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -46,9 +50,11 @@ __all__ = [
     "ResumePoint",
     "append_batch_size",
     "checkpoint_files",
+    "describe_schedule",
     "expand_batch_sizes",
     "find_resume_checkpoint",
     "plan_differences",
+    "save_trainer_state_atomically",
     "validate_ramp_state",
     "write_text_atomically",
 ]
@@ -367,3 +373,26 @@ def plan_differences(saved: Mapping, current: Mapping, keys: Sequence[str] = PLA
         for key in keys
         if saved.get(key) != current.get(key)
     ]
+
+
+def describe_schedule(schedule) -> object:
+    """A JSON-ready identity of a batch schedule for the plan fingerprint: its config, else a stable name."""
+    to_config = getattr(schedule, "to_config", None)
+    if callable(to_config):
+        with contextlib.suppress(NotImplementedError):
+            return to_config()
+    if isinstance(schedule, (types.FunctionType, types.MethodType, functools.partial)):
+        function = schedule.func if isinstance(schedule, functools.partial) else schedule
+        return f"{function.__module__}.{function.__qualname__}"
+    text = repr(schedule)
+    if " at 0x" in text:  # the default repr names an address, which differs between runs
+        return f"{type(schedule).__module__}.{type(schedule).__qualname__}"
+    return text
+
+
+def save_trainer_state_atomically(state, json_path: str) -> None:
+    """``TrainerState.save_to_json``, written through a temporary file and a rename, listing the checkpoint's files."""
+    stored = (state.stateful_callbacks or {}).get(RAMP_STATE_KEY)
+    if isinstance(stored, dict):
+        stored["checkpoint_files"] = checkpoint_files(os.path.dirname(json_path))
+    write_text_atomically(json_path, json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n")

@@ -783,7 +783,7 @@ def finetune(args: RecipeArguments):
     4. train (``resume_from_checkpoint``: ``true`` for the newest complete checkpoint in ``output_dir``, or a
        checkpoint path; checked before anything is loaded or written), evaluate, save (unless ``save_strategy: "no"``).
     """
-    from .trainer import check_distributed_launch
+    from .launch import check_distributed_launch
 
     check_distributed_launch(args.training)
     resume = resume_checkpoint(args)

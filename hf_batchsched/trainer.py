@@ -87,35 +87,33 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import functools
 import json
 import logging
 import math
-import numbers
 import os
-import types
 from collections.abc import Mapping
+from typing import Any
 
+import datasets
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, seed_worker
 
-from .callbacks._binding import bind_callbacks
-from .callbacks._state import save_callback_state
+from .callback_binding import bind_callbacks, save_callback_state
 from .checkpoint import (
     PLAN_KEYS,
     RAMP_STATE_KEY,
     STREAM_KEYS,
     TRAINER_STATE_FILE,
     append_batch_size,
-    checkpoint_files,
+    describe_schedule,
     expand_batch_sizes,
     find_resume_checkpoint,
     plan_differences,
+    save_trainer_state_atomically,
     validate_ramp_state,
-    write_text_atomically,
 )
 from .clock import TrainingClock
 from .coupling import CouplingCallback, resolve_coupling
@@ -123,6 +121,18 @@ from .data.batches import IGNORE_INDEX, batch_len, count_batch, packed_sequence_
 from .data.lengths import sample_lengths
 from .data.sampler import DrawnStep, RampBatchSampler, as_batch_schedule
 from .errors import ConfigError, check_choice, check_integer, check_positive
+from .launch import (
+    FSDP_GRADIENT_SYNC,
+    FSDP_ON_CPU_ENV,
+    check_distributed_launch,
+    check_sharding_engine,
+    check_unset_or_positive,
+    copy_training_arguments,
+    env_flag,
+    fsdp_requested,
+    scheduler_settings_replaced_by_policy,
+)
+from .loss_weights import chunk_loss_weights, per_token_labels
 from .schedules.base import Policy
 from .schedules.noise import sgd_noise
 from .schedules.seesaw_pair import check_seesaw_pair
@@ -130,61 +140,99 @@ from .schedules.seesaw_pair import check_seesaw_pair
 __all__ = [
     "BatchRampMixin",
     "BatchRampTrainer",
-    "FSDP_ON_CPU_ENV",
-    "RAMP_STATE_KEY",
-    "StepWatch",
-    "bind_callbacks",
     "full_parameters",
+    "log_metrics",
+    "set_scheduler_lrs",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Kept for code written against the first release: ``hf_batchsched.schedules.noise.sgd_noise`` is the one
-#: implementation of Smith et al.'s noise scale.
-sgd_noise_scale = sgd_noise
+
+# ---- helpers for the callbacks: the Trainer's and torch's internals they need, in one place ---------------------
+def set_scheduler_lrs(scheduler, lrs) -> None:
+    """Tell a torch LR scheduler that its last LRs are ``lrs`` (what ``get_last_lr()`` returns), after a callback set
+    the optimizer's group LRs itself (an LR cut, a policy switch). torch keeps them in the private ``_last_lr``; a
+    scheduler without it is left alone.
+
+    >>> import torch
+    >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    >>> set_scheduler_lrs(sched, [0.05]); sched.get_last_lr()
+    [0.05]
+    """
+    if hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr = list(lrs)
 
 
-def _per_token_labels(inputs: Mapping) -> bool:
-    """Whether the loss is token-level: integer labels with a sequence dimension (LM, token classification)."""
-    if torch.is_tensor(inputs.get("shift_labels")):
-        return True
-    labels = inputs.get("labels")
-    return torch.is_tensor(labels) and labels.dim() >= 2 and not labels.is_floating_point()
+def _plain(value: Any) -> Any:
+    """A Python number for a one-element tensor (integrations such as MLflow reject tensors), else ``value``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return value
 
 
-def _describe_schedule(schedule) -> object:
-    """A JSON-ready identity of a batch schedule for the plan fingerprint: its config, else a stable name."""
-    to_config = getattr(schedule, "to_config", None)
-    if callable(to_config):
-        with contextlib.suppress(NotImplementedError):
-            return to_config()
-    if isinstance(schedule, (types.FunctionType, types.MethodType, functools.partial)):
-        function = schedule.func if isinstance(schedule, functools.partial) else schedule
-        return f"{function.__module__}.{function.__qualname__}"
-    text = repr(schedule)
-    if " at 0x" in text:  # the default repr names an address, which differs between runs
-        return f"{type(schedule).__module__}.{type(schedule).__qualname__}"
-    return text
+def log_metrics(trainer: Any, logs: Mapping[str, Any]) -> None:
+    """Log ``logs`` through ``trainer.log`` from any callback event without cancelling the Trainer's own log.
+
+    Why a helper (transformers 5.x, checked against ``trainer.py`` and ``trainer_callback.py``):
+
+    - ``Trainer.log(logs)`` appends to ``state.log_history`` and fires ``on_log``; ``CallbackHandler.on_log`` sets
+      ``control.should_log = False`` before calling the callbacks. It touches no other flag (``should_evaluate`` is
+      cleared by ``on_evaluate``, ``should_save`` by ``on_save``, all three by ``on_step_begin``).
+    - ``DefaultFlowCallback`` (always first in the list) sets ``should_log`` in ``on_step_end`` (``logging_steps``,
+      ``logging_first_step``) and in ``on_epoch_end`` (``logging_strategy="epoch"``); the Trainer then reads it in
+      ``_maybe_log_save_evaluate``, which runs right *after* those two events and writes the ``loss``/``grad_norm``/
+      ``learning_rate`` entry.
+    - So a callback that calls ``trainer.log`` from ``on_step_end`` or ``on_epoch_end`` on a logging step cancels the
+      Trainer's own training log for that step (the accumulated loss then goes out, averaged, at the next logging
+      step). Earlier events of a step (``on_step_begin``, ``on_pre_optimizer_step``, ``on_optimizer_step``,
+      ``on_substep_end``) run while ``should_log`` is still ``False``; ``on_log`` and ``on_evaluate`` run after the
+      training log was written. Logging from those is harmless, and the helper is a plain ``trainer.log`` there.
+
+    This function logs through ``transformers.Trainer.log`` (so the values reach every ``report_to`` integration, and
+    ``log_history``) and puts ``should_log`` back when it was set before the call. It calls the base class's ``log``,
+    not a subclass's override: trl's trainers (``SFTTrainer``, ...) merge the metrics they gather during the step
+    (``entropy``, ``mean_token_accuracy``, ``num_tokens``) into *every* ``log`` call and clear them only afterwards, so
+    an extra entry logged through their ``log`` would repeat them (from ``on_log``) or take them away from the training
+    log (from ``on_step_end``); through the base ``log`` each metric appears once per step, in the Trainer's own entry.
+
+    DDP: call it on every rank, like the Trainer's own ``self.log`` (which runs on every rank): it runs no collective,
+    writes no file, and keeps ``log_history`` the same on all ranks; the ``report_to`` integrations and the console
+    printer write only where ``state.is_world_process_zero``. Values must already agree across ranks (reduce them
+    before) if they should mean the same thing everywhere.
+
+    Args:
+        trainer (`transformers.Trainer`):
+            The trainer (``transformers.Trainer.log`` is called on it; anything else with ``log(dict)`` has its own
+            ``log`` called; ``control`` is read when present).
+        logs (`Mapping[str, float]`):
+            Metric name to value; one-element tensors are turned into Python numbers. Nothing is logged when empty.
+
+    Example:
+
+    >>> from types import SimpleNamespace
+    >>> from transformers.trainer_callback import TrainerControl
+    >>> trainer = SimpleNamespace(control=TrainerControl(should_log=True), history=[])
+    >>> def log(logs):  # what Trainer.log does to the flag, through CallbackHandler.on_log
+    ...     trainer.history.append(logs)
+    ...     trainer.control.should_log = False
+    >>> trainer.log = log
+    >>> log_metrics(trainer, {"sharpness/avg": torch.tensor(0.25)})
+    >>> trainer.history, trainer.control.should_log
+    ([{'sharpness/avg': 0.25}], True)
+    """
+    if not logs:
+        return
+    control = getattr(trainer, "control", None)
+    pending = bool(getattr(control, "should_log", False))
+    log = functools.partial(Trainer.log, trainer) if isinstance(trainer, Trainer) else trainer.log
+    log({key: _plain(value) for key, value in logs.items()})
+    if pending:
+        # Trainer.log may have replaced trainer.control with what the on_log callbacks returned: set both.
+        control.should_log = True
+        trainer.control.should_log = True
 
 
-def _save_trainer_state_atomically(state, json_path: str) -> None:
-    """``TrainerState.save_to_json``, written through a temporary file and a rename, listing the checkpoint's files."""
-    stored = (state.stateful_callbacks or {}).get(RAMP_STATE_KEY)
-    if isinstance(stored, dict):
-        stored["checkpoint_files"] = checkpoint_files(os.path.dirname(json_path))
-    write_text_atomically(json_path, json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n")
-
-
-# ---- sharded engines: DeepSpeed ZeRO and FSDP2 -----------------------------------------------------------------
-#: Environment variable that lets accelerate run FSDP on CPU processes (``1`` to enable): accelerate enables FSDP only
-#: for GPU-like devices and silently runs DDP on the CPU otherwise.
-FSDP_ON_CPU_ENV = "HF_BATCHSCHED_FSDP_ON_CPU"
-#: ``fsdp_gradient_sync`` choices: reduce-scatter each micro-chunk's gradient, or only the last one's.
-FSDP_GRADIENT_SYNC = ("every_chunk", "last_chunk")
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
 def _enable_fsdp_on_cpu(args) -> None:
@@ -198,88 +246,19 @@ def _enable_fsdp_on_cpu(args) -> None:
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
-    if not _fsdp_requested(args) or AcceleratorState._shared_state:
+    if not fsdp_requested(args) or AcceleratorState._shared_state:
         return
     state = PartialState()
     if state.distributed_type == DistributedType.MULTI_CPU:
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
 
 
-def _fsdp_requested(args) -> bool:
-    return _env_flag("ACCELERATE_USE_FSDP") or bool(getattr(args, "fsdp", None))
 
 
-def _deepspeed_requested(args) -> bool:
-    return _env_flag("ACCELERATE_USE_DEEPSPEED") or bool(getattr(args, "deepspeed", None))
 
 
-def check_distributed_launch(args) -> None:
-    """Refuse a launch of several processes (``WORLD_SIZE > 1``: torchrun, accelerate launch) whose
-    ``TrainingArguments`` are not distributed: each process would train alone (on CPU without ``use_cpu``), or
-    without DDP's averaging (gloo without ``use_cpu``). ``args=None`` stands for the Trainer's default arguments."""
-    from transformers.training_args import ParallelMode
-
-    world = os.environ.get("WORLD_SIZE", "1").strip()
-    if not world.isdigit() or int(world) <= 1:
-        return
-    mode = getattr(args, "parallel_mode", ParallelMode.NOT_PARALLEL)
-    if mode in (ParallelMode.NOT_PARALLEL, ParallelMode.NOT_DISTRIBUTED):
-        raise ConfigError(
-            f"this is one of WORLD_SIZE={world} launched processes, but the TrainingArguments are not distributed "
-            "(each process would train alone); on CPU add --use_cpu true --ddp_backend gloo "
-            "(TrainingArguments(use_cpu=True, ddp_backend='gloo')), on GPUs give each process its own GPU"
-        )
 
 
-def _check_unset_or_positive(what: str, value, default: str) -> None:
-    """``None`` means "use the default"; anything else must be a positive integer (0 is not a way to unset it)."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ConfigError(
-            f"{what} must be a positive integer, got {value!r}; leave it None for the default ({default})"
-        )
-
-
-def _check_sharding_engine(trainer) -> str | None:
-    """The engine the Trainer really runs: ``"zero0"``-``"zero3"``, ``"fsdp1"``, ``"fsdp2"`` or ``None`` (DDP/one
-    process). Refuses, in one line, a launch that asked for FSDP or DeepSpeed and got plain DDP."""
-    args = trainer.args
-    device = "the CPU" if args.use_cpu or args.device.type == "cpu" else args.device.type
-    distributed_type = trainer.accelerator.distributed_type.value
-    if trainer.is_deepspeed_enabled:
-        config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
-        if config.get("zero_optimization", {}).get("stage", 0) not in (0, 1, 2, 3):
-            raise ConfigError("unknown DeepSpeed ZeRO stage; zero_optimization.stage must be 0, 1, 2 or 3")
-        if config.get("managed_gradient_accumulation") is False:
-            raise ConfigError(
-                "DeepSpeed managed_gradient_accumulation=false is not supported: the batch ramp marks each "
-                "micro-chunk's accumulation boundary itself; remove the key from the DeepSpeed config"
-            )
-        return f"zero{config.get('zero_optimization', {}).get('stage', 0)}"
-    if trainer.is_fsdp_enabled:
-        return f"fsdp{getattr(trainer.accelerator.state.fsdp_plugin, 'fsdp_version', 1)}"
-    if distributed_type == "NO":
-        got = "one process without sharding (distributed_type NO)"
-    else:
-        got = f"plain data parallel (distributed_type {distributed_type})"
-    if _fsdp_requested(args):
-        hint = (
-            f"accelerate enables FSDP on GPUs only; set {FSDP_ON_CPU_ENV}=1 to run FSDP2 on CPU processes (gloo)"
-            if device == "the CPU"
-            else "check the accelerate config (distributed_type: FSDP, fsdp_config) and the launch command"
-        )
-        raise ConfigError(
-            f"the launch asks for FSDP (ACCELERATE_USE_FSDP or --fsdp), but accelerate set up {got} on {device}: "
-            f"{hint}, or launch with recipes/accelerate/multi_gpu_ddp.yaml for DDP"
-        )
-    if _deepspeed_requested(args):
-        raise ConfigError(
-            f"the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED or --deepspeed), but accelerate set up {got} "
-            f"on {device}: accelerate's --cpu / use_cpu: true turns DeepSpeed off (DeepSpeed runs CPU processes "
-            "without it); remove it, or launch with recipes/accelerate/multi_gpu_ddp.yaml for DDP"
-        )
-    return None
 
 
 def _sq_norm(tensors: list[torch.Tensor | None]) -> torch.Tensor:
@@ -305,7 +284,7 @@ def full_parameters(trainer):
     sharded state is restored; a probe that restores what it perturbs (all hf-batchsched probes do) leaves the
     model exactly as found. Costs the memory of the full model on each rank while inside. Call on every rank.
     """
-    engine = getattr(trainer, "sharding_engine", None) or _check_sharding_engine(trainer)
+    engine = getattr(trainer, "sharding_engine", None) or check_sharding_engine(trainer)
     model = trainer.model
     if engine == "zero3":
         import deepspeed
@@ -350,94 +329,8 @@ def full_parameters(trainer):
         yield model
 
 
-class StepWatch:
-    """The current optimizer step's training loss and pre-clipping gradient norm, for callbacks acting before it.
-
-    Callback events carry neither: at ``on_pre_optimizer_step`` the gradients are already clipped to
-    ``max_grad_norm``, and the Trainer's running loss (``Trainer._tr_loss``) has a NaN step replaced by the mean of
-    earlier ones when ``logging_nan_inf_filter`` is on (the default). ``StepWatch(trainer)`` wraps, on this trainer
-    instance only, the two public calls that produce them: ``trainer.training_step`` (each return value, the loss
-    the Trainer accumulates, NaN included, is summed on the device) and ``trainer.accelerator.clip_grad_norm_``
-    (through which the Trainer clips, or with ``max_grad_norm=0`` measures, the gradients; its return value is the
-    norm before clipping). It is opt-in and reversible: ``remove()`` puts both attributes back as they were.
-
-    ``reset()`` at the start of a step; then ``loss`` is the sum of the step's ``training_step`` returns (a 0-dim
-    tensor, ``None`` if none ran) and ``grad_norm`` the last pre-clipping norm (``None`` if no clip ran, e.g. a
-    Trainer path that does not clip through accelerate).
-
-    Example (as ``SpikeGuardCallback`` uses it)::
-
-        watch = StepWatch(trainer)  # on_train_begin
-        watch.reset()  # on_step_begin
-        loss, grad_norm = watch.loss, watch.grad_norm  # on_pre_optimizer_step
-        watch.remove()  # on_train_end
-    """
-
-    def __init__(self, trainer):
-        self.loss: torch.Tensor | None = None
-        self.grad_norm: float | None = None
-        self._patched = []
-        self._wrap(trainer, "training_step", self._on_training_step)
-        self._wrap(trainer.accelerator, "clip_grad_norm_", self._on_clip)
-
-    def _wrap(self, owner, name: str, record) -> None:
-        original = getattr(owner, name)
-
-        @functools.wraps(original)
-        def wrapper(*args, **kwargs):
-            result = original(*args, **kwargs)
-            record(result)
-            return result
-
-        self._patched.append((owner, name, vars(owner).get(name)))
-        setattr(owner, name, wrapper)
-
-    def _on_training_step(self, loss) -> None:
-        loss = torch.as_tensor(loss).detach().float().reshape(())
-        self.loss = loss if self.loss is None else self.loss + loss.to(self.loss.device)
-
-    def _on_clip(self, norm) -> None:
-        if norm is not None:
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor (FSDP2)
-            self.grad_norm = float(norm)
-
-    def reset(self) -> None:
-        self.loss, self.grad_norm = None, None
-
-    def remove(self) -> None:
-        for owner, name, previous in reversed(self._patched):
-            if previous is None:
-                vars(owner).pop(name, None)
-            else:
-                setattr(owner, name, previous)
-        self._patched = []
 
 
-def _copy_training_arguments(targs):
-    """A copy of the user's ``TrainingArguments`` for the trainer to change (its dict/list fields copied too)."""
-    copied = copy.copy(targs)
-    for field in dataclasses.fields(targs):
-        value = getattr(targs, field.name, None)
-        if isinstance(value, (dict, list, set)):
-            setattr(copied, field.name, copy.deepcopy(value))
-    return copied
-
-
-def _scheduler_settings_replaced_by_policy(targs) -> list[str]:
-    """The ``lr_scheduler_type``/``warmup_*``/``lr_scheduler_kwargs`` the user set away from their defaults."""
-    defaults = {field.name: field.default for field in dataclasses.fields(type(targs))}
-    changed = []
-    for name in ("lr_scheduler_type", "warmup_steps", "warmup_ratio", "lr_scheduler_kwargs"):
-        if name not in defaults:
-            continue
-        value, default = getattr(targs, name), defaults[name]
-        value = getattr(value, "value", value)
-        if name == "lr_scheduler_kwargs":
-            if value:
-                changed.append(f"{name}={value!r}")
-        elif value != getattr(default, "value", default):
-            changed.append(f"{name}={value!r}")
-    return changed
 
 
 class _RampCallback(TrainerCallback):
@@ -543,21 +436,21 @@ class BatchRampMixin:
         # The trainer changes its TrainingArguments (gradient_accumulation_steps, ignore_data_skip): work on a copy
         # so the caller's object stays as it was.
         if kwargs.get("args") is not None:
-            kwargs["args"] = _copy_training_arguments(kwargs["args"])
+            kwargs["args"] = copy_training_arguments(kwargs["args"])
         elif len(args) > 1 and args[1] is not None:
-            args = (args[0], _copy_training_arguments(args[1]), *args[2:])
-        if _env_flag(FSDP_ON_CPU_ENV):
+            args = (args[0], copy_training_arguments(args[1]), *args[2:])
+        if env_flag(FSDP_ON_CPU_ENV):
             _enable_fsdp_on_cpu(kwargs.get("args", args[1] if len(args) > 1 else None))
         # Checked before the Trainer makes output_dir:
-        _check_unset_or_positive("max_micro_batch_size", max_micro_batch_size, "per_device_train_batch_size")
-        _check_unset_or_positive("batch_size_multiple", batch_size_multiple, "the world size")
+        check_unset_or_positive("max_micro_batch_size", max_micro_batch_size, "per_device_train_batch_size")
+        check_unset_or_positive("batch_size_multiple", batch_size_multiple, "the world size")
         if seed is not None:
             check_integer("seed", seed)
         check_distributed_launch(kwargs.get("args", args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
         targs = self.args
         self.fsdp_gradient_sync = fsdp_gradient_sync
-        self.sharding_engine = _check_sharding_engine(self)
+        self.sharding_engine = check_sharding_engine(self)
         world_size = targs.world_size
         accumulation = targs.gradient_accumulation_steps
         if batch_schedule is None:
@@ -588,7 +481,7 @@ class BatchRampMixin:
 
             lr_policy = lr_policy_from_config(lr_policy)
         self.lr_policy = lr_policy
-        replaced = _scheduler_settings_replaced_by_policy(targs) if lr_policy is not None else []
+        replaced = scheduler_settings_replaced_by_policy(targs) if lr_policy is not None else []
         if replaced:
             raise ConfigError(
                 f"lr_policy sets the learning rate of every step, so {', '.join(replaced)} would be ignored: remove "
@@ -647,7 +540,7 @@ class BatchRampMixin:
         self.add_callback(self._ramp_callback)
         # ---- Seesaw's own LR schedule; coupled hyperparameters (hf_batchsched.coupling) ----
         self.lr_policy = check_seesaw_pair(self.batch_schedule, self.lr_policy, self.batch_size_multiple)
-        replaced = _scheduler_settings_replaced_by_policy(targs) if lr_policy is None and self.lr_policy else []
+        replaced = scheduler_settings_replaced_by_policy(targs) if lr_policy is None and self.lr_policy else []
         if replaced:
             raise ConfigError(
                 f"the seesaw batch schedule sets the learning rate of every step, so {', '.join(replaced)} would be "
@@ -761,13 +654,7 @@ class BatchRampMixin:
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
         dataset = self.train_dataset
-        try:
-            import datasets
-
-            is_hf_dataset = isinstance(dataset, datasets.Dataset)
-        except ImportError:  # pragma: no cover
-            is_hf_dataset = False
-        if is_hf_dataset:
+        if isinstance(dataset, datasets.Dataset):
             dataset = self._remove_unused_columns(dataset, description="training")
             collator = self.data_collator
         else:
@@ -880,7 +767,7 @@ class BatchRampMixin:
         from_start = sizes(planner, steps_from_start)
         fingerprint = {
             **self._stream_fingerprint(),
-            "batch_schedule": _describe_schedule(self.batch_schedule),
+            "batch_schedule": describe_schedule(self.batch_schedule),
             "world_size": args.world_size,
             "max_micro_batch_size": self.max_micro_batch_size,
             "batch_size_multiple": self.batch_size_multiple,
@@ -937,7 +824,7 @@ class BatchRampMixin:
             os.remove(os.path.join(folder, TRAINER_STATE_FILE))
         save_callback_state(self.state, RAMP_STATE_KEY, self.ramp_state_dict())
         state = self.state
-        state.save_to_json = functools.partial(_save_trainer_state_atomically, state)  # this call only
+        state.save_to_json = functools.partial(save_trainer_state_atomically, state)  # this call only
         try:
             super()._save_checkpoint(model, trial)
         finally:
@@ -980,7 +867,7 @@ class BatchRampMixin:
                 f"lr_policy {self.lr_policy.name!r} counts tokens, but the training batches have no attention_mask "
                 "or input_ids to count them (e.g. image batches); build the policy on unit='samples' or 'fraction'"
             )
-        if num_items_in_batch is not None and self.compute_loss_func is None and not _per_token_labels(inputs):
+        if num_items_in_batch is not None and self.compute_loss_func is None and not per_token_labels(inputs):
             # Items are examples here: per-example weighting (below) is the same normalisation, and it does not rely
             # on the model's forward honouring num_items_in_batch. Image classifiers such as
             # ResNetForImageClassification take **kwargs (so the Trainer passes it) but return a plain chunk mean,
@@ -1220,42 +1107,26 @@ class BatchRampMixin:
         return self.accumulated_grad_sq_norm(params)
 
     def _chunk_loss_weights(self, chunks: list[dict], num_items_in_batch, accumulation: list[float]) -> list[tuple]:
-        """``(items, loss weight)`` of each chunk (see "Step hooks" in the module docstring).
-
-        Mirrors how the Trainer's ``training_step``/``compute_loss`` use ``num_items_in_batch``: a loss normalised
-        by it is ``sum(chunk) / N_step``, times the number of processes with ``average_tokens_across_devices`` (then
-        ``N_step`` is global); a per-example loss is the chunk mean divided by ``current_gradient_accumulation_steps``.
-        DDP then averages ranks.
-        """
-        world_size = self.accelerator.num_processes
+        """``(items, loss weight)`` of each chunk (``hf_batchsched.loss_weights``), from the Trainer's settings."""
         token_normalised = num_items_in_batch is not None and (
             self.model_accepts_loss_kwargs or self.compute_loss_func is not None
         )
         scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)  # a Trainer attribute since transformers 5.19
         if scaled_for_ga is None:
             scaled_for_ga = token_normalised or self.compute_loss_func is not None
-        if token_normalised:
-            step_items = float(
-                num_items_in_batch.reshape(-1)[0] if torch.is_tensor(num_items_in_batch) else num_items_in_batch
-            )
-            items_scale = 1
-            if self.args.average_tokens_across_devices:
-                items_scale = world_size // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
-        weights = []
-        for chunk, chunk_accumulation in zip(chunks, accumulation):
-            samples = batch_len(chunk)
-            if token_normalised:  # label tokens counted like Trainer._get_num_items_in_batch, on the trimmed chunk
-                labels = chunk.get("shift_labels")
-                if labels is None:
-                    labels = chunk["labels"][..., 1:] if self._loss_shifts_labels else chunk["labels"]
-                items = int(labels.ne(-100).sum())
-                weight = items_scale * items / step_items
-            else:
-                items, weight = samples, 1.0
-            if not scaled_for_ga:
-                weight /= chunk_accumulation
-            weights.append((items, weight))
-        return weights
+        items_scale = 1
+        if token_normalised and self.args.average_tokens_across_devices:
+            world_size = self.accelerator.num_processes
+            items_scale = world_size // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+        return chunk_loss_weights(
+            chunks,
+            num_items_in_batch,
+            accumulation,
+            token_normalised=token_normalised,
+            scaled_for_ga=scaled_for_ga,
+            items_scale=items_scale,
+            labels_shifted=self._loss_shifts_labels,
+        )
 
     # ---- logging -------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -12,6 +12,7 @@ import pytest
 from transformers import PrinterCallback, Trainer
 
 import hf_batchsched
+from hf_batchsched.callback_binding import bind_callbacks
 from hf_batchsched.callbacks import (
     BNRecalibrationCallback,
     FreezeBNCallback,
@@ -30,7 +31,7 @@ from hf_batchsched.testing import (
     tiny_resnet,
     tiny_training_args,
 )
-from hf_batchsched.trainer import BatchRampTrainer, bind_callbacks
+from hf_batchsched.trainer import BatchRampTrainer
 
 MAX_STEPS = 4
 

@@ -26,7 +26,6 @@ from hf_batchsched.callbacks import (
     SpikeGuardCallback,
     StabilityMonitorCallback,
 )
-from hf_batchsched.callbacks._logging import log_metrics
 from hf_batchsched.testing import (
     digits_image_dataset,
     synthetic_lm_dataset,
@@ -34,7 +33,7 @@ from hf_batchsched.testing import (
     tiny_resnet,
     tiny_training_args,
 )
-from hf_batchsched.trainer import BatchRampTrainer
+from hf_batchsched.trainer import BatchRampTrainer, log_metrics
 
 MAX_STEPS = 4
 README = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()

@@ -14,9 +14,9 @@ from conftest import run_torchrun
 from test_trainer_ramp import RecordingCollator, indexed_dataset, make_trainer, train_losses
 
 from hf_batchsched.errors import ConfigError
+from hf_batchsched.launch import FSDP_ON_CPU_ENV
 from hf_batchsched.probes.sharpness import estimate_sharpness
 from hf_batchsched.testing import tiny_llama
-from hf_batchsched.trainer import FSDP_ON_CPU_ENV
 
 HERE = os.path.dirname(__file__)
 

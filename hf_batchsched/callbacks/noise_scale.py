@@ -62,12 +62,11 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ..callback_binding import TrainerBoundCallback, load_callback_state, save_callback_state
 from ..errors import ConfigError, check_positive
 from ..probes.noise_scale import GradientNoiseScale, grad_sq_norm
 from ..schedules.adaptive import AdaptiveBatchSchedule
-from ._binding import TrainerBoundCallback
-from ._logging import log_metrics
-from ._state import load_callback_state, save_callback_state
+from ..trainer import log_metrics
 
 __all__ = ["NoiseScaleCallback"]
 
