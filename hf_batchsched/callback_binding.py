@@ -82,6 +82,9 @@ class TrainerBoundCallback:
         except BaseException:
             self._trainer = None
             raise
+        note = getattr(trainer, "note_bound_callback", None)  # BatchRampMixin: refuses at train() one never added
+        if callable(note):
+            note(self)
         return self
 
     def _bind(self, trainer: Any) -> None:

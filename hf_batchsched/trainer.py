@@ -32,21 +32,25 @@ training clock (consumed samples or tokens) and is realised as **accumulation at
   ``allow_schedule_change_on_resume=True``), and with ``True`` takes the newest *complete* checkpoint.
 
 The schedule is read when the DataLoader draws a step batch: with ``dataloader_num_workers=0`` that is right
-before the step that uses it, after the previous step's optimizer step, callbacks and step hooks, so an online
+before the step that uses it, after the previous step's optimizer step and callbacks, so an online
 (adaptive) schedule sees every measurement up to the previous step; worker processes read it earlier (prefetch).
 
 Everything that touches Trainer internals lives in this module.
 
-Step hooks
-----------
-``trainer.add_step_hook(obj)`` registers an object that may implement either method:
+Micro-chunk events
+------------------
+Besides the Trainer's callback events, a ``BatchRampTrainer`` calls two of its own, from inside ``training_step``, on
+every callback in its list (``callbacks=[...]``, ``add_callback``) that defines them; they take the trainer first
+because they happen inside the step, where the Trainer passes no ``args``/``state``/``control``:
 
 - ``on_micro_chunk_end(trainer, chunk_index, num_chunks, chunk_num_samples)``: called on every rank after each
   micro-chunk's backward (before the optimizer step; for ``chunk_index < num_chunks - 1`` the gradients are
-  this rank's local accumulation, not yet all-reduced). A gradient-noise-scale estimator reads norms here.
+  this rank's local accumulation, not yet all-reduced). ``NoiseScaleCallback`` reads gradient norms here.
 - ``on_step_batch_end(trainer, step_num_samples)``: after the last chunk of a step (global sample count).
 
-When step hooks are registered, the trainer sets two attributes describing each chunk before it runs:
+A callback that defines them and is bound to the trainer (``XCallback(trainer)``) but not in its list is refused at
+``train()`` (it would never hear them). When a callback listens, the trainer sets two attributes describing each
+chunk before it runs:
 
 - ``trainer.current_chunk_num_items``: the items the chunk's loss averages over on this rank: label tokens
   (non ``-100`` labels, shifted like the model's loss, counted as the Trainer counts ``num_items_in_batch``) when the
@@ -55,8 +59,8 @@ When step hooks are registered, the trainer sets two attributes describing each 
   rank's accumulated gradient before DDP's average over ranks: ``world · items_chunk / items_step`` for a
   token-normalised loss (``items_step`` = the Trainer's ``num_items_in_batch``, global with the default
   ``average_tokens_across_devices=True``; without it the factor is ``items_chunk / items_rank``),
-  ``world · samples_chunk / samples_step`` for a per-example loss. So ``.grad / weight`` after chunk 1 is the
-  gradient of chunk 1's mean loss.
+  ``world · samples_chunk / samples_step`` for a per-example loss (``hf_batchsched.loss_weights``). So
+  ``.grad / weight`` after chunk 1 is the gradient of chunk 1's mean loss.
 
 Metrics (added to every training log, so they reach every ``report_to`` integration):
 
@@ -534,7 +538,7 @@ class BatchRampMixin:
         self.ramp_position = 0  # stream position (dataset rows) after the last completed optimizer step
         self.last_step_rows: int | None = None
         self._leading_trim_exact: bool | None = None
-        self._step_hooks: list = []
+        self._bound_callbacks: list = []  # hf_batchsched callbacks bound to this trainer (note_bound_callback)
         self._ramp_sampler: RampBatchSampler | None = None
         self._ramp_callback = _RampCallback(self)
         self.add_callback(self._ramp_callback)
@@ -567,13 +571,13 @@ class BatchRampMixin:
             bind_callbacks(self)
 
     # ---- public extras -------------------------------------------------------------------------
-    def add_step_hook(self, hook) -> None:
-        """Register an object with ``on_micro_chunk_end`` and/or ``on_step_batch_end`` (see the module docstring)."""
-        if not (hasattr(hook, "on_micro_chunk_end") or hasattr(hook, "on_step_batch_end")):
-            raise ConfigError(
-                f"{type(hook).__name__} implements neither on_micro_chunk_end nor on_step_batch_end; nothing to call"
-            )
-        self._step_hooks.append(hook)
+    def note_bound_callback(self, callback) -> None:
+        """Called by an ``hf_batchsched`` callback bound to this trainer, so ``train()`` can refuse one that listens to
+        the micro-chunk events but was never added to the callback list."""
+        self._bound_callbacks.append(callback)
+
+    def _chunk_listeners(self, event: str) -> list:
+        return [callback for callback in self.callback_handler.callbacks if hasattr(callback, event)]
 
     def ramp_state_dict(self) -> dict:
         """What checkpoints store (in ``trainer_state.json``): the clock after the last completed optimizer step, the
@@ -619,6 +623,14 @@ class BatchRampMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint, and a resume is
         checked against this run (see ``hf_batchsched.checkpoint``); a mismatch raises ``ConfigError``."""
+        for callback in self._bound_callbacks:
+            listens = hasattr(callback, "on_micro_chunk_end") or hasattr(callback, "on_step_batch_end")
+            if listens and callback not in self.callback_handler.callbacks:
+                raise ConfigError(
+                    f"{type(callback).__name__} is bound to this trainer but not in its callback list, so it would "
+                    "hear no micro-chunk event; call trainer.add_callback(callback) so it can also log and save its "
+                    "state"
+                )
         point = find_resume_checkpoint(
             resume_from_checkpoint, self.args.output_dir, announce=self.is_world_process_zero()
         )
@@ -880,9 +892,12 @@ class BatchRampMixin:
             accumulation = [inputs["input_ids"].shape[1] / chunk["input_ids"].shape[1] for chunk in chunks]
         else:
             accumulation = [step_rows / (batch_len(chunk) * world_size) for chunk in chunks]
-        # (items, loss weight) per chunk for the step hooks; only computed when hooks want it (it reads
+        chunk_listeners = self._chunk_listeners("on_micro_chunk_end")
+        step_listeners = self._chunk_listeners("on_step_batch_end")
+        # (items, loss weight) per chunk for the listeners; only computed when one listens (it reads
         # num_items_in_batch, which syncs with the device)
-        weights = self._chunk_loss_weights(chunks, num_items_in_batch, accumulation) if self._step_hooks else None
+        listening = chunk_listeners or step_listeners
+        weights = self._chunk_loss_weights(chunks, num_items_in_batch, accumulation) if listening else None
         total_loss = None
         for index, chunk in enumerate(chunks):
             self.current_gradient_accumulation_steps = accumulation[index]
@@ -895,16 +910,14 @@ class BatchRampMixin:
                 loss = super().training_step(model, chunk, num_items_in_batch)
             total_loss = loss if total_loss is None else total_loss + loss
             chunk_samples = count_batch(chunk)[0] if packed else batch_len(chunk)
-            for hook in self._step_hooks:
-                if hasattr(hook, "on_micro_chunk_end"):
-                    hook.on_micro_chunk_end(self, index, len(chunks), chunk_samples)
+            for callback in chunk_listeners:
+                callback.on_micro_chunk_end(self, index, len(chunks), chunk_samples)
         self.clock.advance(samples=step_samples, tokens=step_tokens)
         self.ramp_position = drawn.consumed_rows if drawn is not None else self.ramp_position + step_rows
         self.last_step_rows = step_rows
         self.last_batch_size, self.last_micro_chunks = step_samples, len(chunks)
-        for hook in self._step_hooks:
-            if hasattr(hook, "on_step_batch_end"):
-                hook.on_step_batch_end(self, step_samples)
+        for callback in step_listeners:
+            callback.on_step_batch_end(self, step_samples)
         return total_loss
 
     def _count_step(self, inputs: dict, drawn: DrawnStep | None, local_rows: int) -> tuple[int, int, int]:
