@@ -41,8 +41,6 @@ from .errors import ConfigError
 __all__ = ["TrainerBoundCallback", "bind_callbacks", "load_callback_state", "save_callback_state"]
 
 
-
-
 class TrainerBoundCallback:
     """Base of the callbacks that need their trainer (mixed in before ``transformers.TrainerCallback``)."""
 
@@ -107,6 +105,7 @@ def bind_callbacks(trainer: Any) -> Any:
         if isinstance(callback, TrainerBoundCallback):
             callback.bind(trainer)
     return trainer
+
 
 def save_callback_state(state: Any, key: str, value: dict) -> None:
     """Store ``value`` (JSON-ready) in ``TrainerState.stateful_callbacks[key]``: it is written to every

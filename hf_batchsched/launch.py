@@ -19,6 +19,7 @@ __all__ = [
     "FSDP_GRADIENT_SYNC",
     "FSDP_ON_CPU_ENV",
     "check_distributed_launch",
+    "check_lr_policy_owns_lr",
     "deepspeed_requested",
     "env_flag",
     "fsdp_requested",
@@ -26,6 +27,7 @@ __all__ = [
     "check_unset_or_positive",
     "copy_training_arguments",
     "scheduler_settings_replaced_by_policy",
+    "train_sampling_strategy",
 ]
 
 #: Environment variable that lets accelerate run FSDP on CPU processes (``1`` to enable): accelerate enables FSDP only
@@ -142,3 +144,46 @@ def scheduler_settings_replaced_by_policy(targs) -> list[str]:
         elif value != getattr(default, "value", default):
             changed.append(f"{name}={value!r}")
     return changed
+
+
+def check_lr_policy_owns_lr(targs, deepspeed_config: dict | None, *, seesaw: bool) -> None:
+    """Refuse scheduler settings that an LR policy would silently replace: the ``TrainingArguments``' own
+    ``lr_scheduler_type``/``warmup_*``/``lr_scheduler_kwargs``, or a DeepSpeed config's ``scheduler`` section
+    (``deepspeed_config`` is the config under ZeRO-1/2/3, else ``None``). ``seesaw``: the policy is the seesaw batch
+    schedule's own, not a user's ``lr_policy``."""
+    replaced = scheduler_settings_replaced_by_policy(targs)
+    if replaced and seesaw:
+        raise ConfigError(
+            f"the seesaw batch schedule sets the learning rate of every step, so {', '.join(replaced)} would be "
+            "ignored: remove them from the TrainingArguments (a warmup goes into the seesaw config's warmup)"
+        )
+    if replaced:
+        raise ConfigError(
+            f"lr_policy sets the learning rate of every step, so {', '.join(replaced)} would be ignored: remove "
+            "them from the TrainingArguments (a warmup goes into the policy: {'name': 'warmup', 'warmup': ..., "
+            "'policy': ...}) or drop lr_policy"
+        )
+    if deepspeed_config is None or "scheduler" not in deepspeed_config:
+        return
+    if seesaw:
+        raise ConfigError(
+            "the seesaw batch schedule and the DeepSpeed config's 'scheduler' section would both set the "
+            "learning rate; remove the 'scheduler' section"
+        )
+    raise ConfigError(
+        "lr_policy and the DeepSpeed config's 'scheduler' section would both set the learning rate; "
+        "remove the 'scheduler' section (the policy then drives the engine's optimizer) or the lr_policy"
+    )
+
+
+def train_sampling_strategy(targs) -> str:
+    """The ``train_sampling_strategy`` of the arguments, refused unless the ramp's sampler implements it."""
+    strategy = getattr(targs, "train_sampling_strategy", "random")
+    if getattr(targs, "group_by_length", False):  # the boolean flag of transformers < 5.x
+        strategy = "group_by_length"
+    if strategy not in ("random", "sequential", "group_by_length"):
+        raise ConfigError(
+            f"train_sampling_strategy={strategy!r} is not supported with a batch ramp (the ramp draws its own "
+            "step batches); use 'random', 'sequential' or 'group_by_length' (sorts each step batch by length)"
+        )
+    return strategy

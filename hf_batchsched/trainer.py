@@ -35,7 +35,14 @@ The schedule is read when the DataLoader draws a step batch: with ``dataloader_n
 before the step that uses it, after the previous step's optimizer step and callbacks, so an online
 (adaptive) schedule sees every measurement up to the previous step; worker processes read it earlier (prefetch).
 
-Everything that touches Trainer internals lives in this module.
+Everything that touches Trainer, accelerate or torch internals lives in this module: the ``Trainer`` overrides
+(``set_initial_training_values``, ``_save_checkpoint``, ``training_step``, ``get_train_dataloader``), the shifted-label
+count (``_loss_shifts_labels``), ``_prepare_inputs``, FSDP2/ZeRO-3 parameter gathering (``full_parameters``), and the
+public helpers the callbacks use instead of internals: ``set_scheduler_lrs`` (torch's ``_last_lr``) and
+``log_metrics`` (the Trainer's ``control.should_log``). What reads no internals lives beside it: the launch and
+argument checks (``hf_batchsched.launch``), the chunk loss weights (``hf_batchsched.loss_weights``), the engines'
+gradient norms (``hf_batchsched.sharded_grads``), ``StepWatch`` (``hf_batchsched.step_watch``), the checkpoint rules
+(``hf_batchsched.checkpoint``) and how callbacks bind and keep state (``hf_batchsched.callback_binding``).
 
 Micro-chunk events
 ------------------
@@ -129,17 +136,19 @@ from .launch import (
     FSDP_GRADIENT_SYNC,
     FSDP_ON_CPU_ENV,
     check_distributed_launch,
+    check_lr_policy_owns_lr,
     check_sharding_engine,
     check_unset_or_positive,
     copy_training_arguments,
     env_flag,
     fsdp_requested,
-    scheduler_settings_replaced_by_policy,
+    train_sampling_strategy,
 )
 from .loss_weights import chunk_loss_weights, per_token_labels
 from .schedules.base import Policy
 from .schedules.noise import sgd_noise
 from .schedules.seesaw_pair import check_seesaw_pair
+from .sharded_grads import accumulated_grad_sq_norm, step_grad_sq_norm
 
 __all__ = [
     "BatchRampMixin",
@@ -237,8 +246,6 @@ def log_metrics(trainer: Any, logs: Mapping[str, Any]) -> None:
         trainer.control.should_log = True
 
 
-
-
 def _enable_fsdp_on_cpu(args) -> None:
     """Let accelerate build its FSDP plugin for CPU processes (opt-in through ``HF_BATCHSCHED_FSDP_ON_CPU=1``).
 
@@ -255,20 +262,6 @@ def _enable_fsdp_on_cpu(args) -> None:
     state = PartialState()
     if state.distributed_type == DistributedType.MULTI_CPU:
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
-
-
-
-
-
-
-
-
-
-
-def _sq_norm(tensors: list[torch.Tensor | None]) -> torch.Tensor:
-    """``Σ |t|²`` over the tensors that are not ``None`` (each normed in float32), as a float64 scalar."""
-    norms = [torch.linalg.vector_norm(t, dtype=torch.float32).double() for t in tensors if t is not None]
-    return torch.stack(norms).pow(2).sum() if norms else torch.zeros((), dtype=torch.float64)
 
 
 def _fsdp_modules(model: torch.nn.Module) -> list:
@@ -331,10 +324,6 @@ def full_parameters(trainer):
         raise ConfigError("probes on FSDP1 models are not supported; use FSDP2 (fsdp_version: 2) or DeepSpeed")
     else:
         yield model
-
-
-
-
 
 
 class _RampCallback(TrainerCallback):
@@ -485,19 +474,8 @@ class BatchRampMixin:
 
             lr_policy = lr_policy_from_config(lr_policy)
         self.lr_policy = lr_policy
-        replaced = scheduler_settings_replaced_by_policy(targs) if lr_policy is not None else []
-        if replaced:
-            raise ConfigError(
-                f"lr_policy sets the learning rate of every step, so {', '.join(replaced)} would be ignored: remove "
-                "them from the TrainingArguments (a warmup goes into the policy: {'name': 'warmup', 'warmup': ..., "
-                "'policy': ...}) or drop lr_policy"
-            )
-        if lr_policy is not None and self.sharding_engine in ("zero1", "zero2", "zero3"):
-            if "scheduler" in self.accelerator.state.deepspeed_plugin.deepspeed_config:
-                raise ConfigError(
-                    "lr_policy and the DeepSpeed config's 'scheduler' section would both set the learning rate; "
-                    "remove the 'scheduler' section (the policy then drives the engine's optimizer) or the lr_policy"
-                )
+        if lr_policy is not None:
+            check_lr_policy_owns_lr(targs, self._deepspeed_config(), seesaw=False)
         self.ramp_seed = seed if seed is not None else (targs.data_seed if targs.data_seed is not None else targs.seed)
         check_integer("seed", self.ramp_seed)
         self.ramp_rounding = rounding
@@ -512,15 +490,7 @@ class BatchRampMixin:
                 "a batch ramp needs a map-style train_dataset with a length (an IterableDataset cannot be shuffled "
                 "or resumed by position); materialise it, e.g. datasets.Dataset.from_generator(...)"
             )
-        strategy = getattr(targs, "train_sampling_strategy", "random")
-        if getattr(targs, "group_by_length", False):  # the boolean flag of transformers < 5.x
-            strategy = "group_by_length"
-        if strategy not in ("random", "sequential", "group_by_length"):
-            raise ConfigError(
-                f"train_sampling_strategy={strategy!r} is not supported with a batch ramp (the ramp draws its own "
-                "step batches); use 'random', 'sequential' or 'group_by_length' (sorts each step batch by length)"
-            )
-        self.sampling_strategy = strategy
+        self.sampling_strategy = train_sampling_strategy(targs)
         if not isinstance(allow_schedule_change_on_resume, bool):
             raise ConfigError(
                 f"allow_schedule_change_on_resume must be True or False, got {allow_schedule_change_on_resume!r}"
@@ -544,18 +514,8 @@ class BatchRampMixin:
         self.add_callback(self._ramp_callback)
         # ---- Seesaw's own LR schedule; coupled hyperparameters (hf_batchsched.coupling) ----
         self.lr_policy = check_seesaw_pair(self.batch_schedule, self.lr_policy, self.batch_size_multiple)
-        replaced = scheduler_settings_replaced_by_policy(targs) if lr_policy is None and self.lr_policy else []
-        if replaced:
-            raise ConfigError(
-                f"the seesaw batch schedule sets the learning rate of every step, so {', '.join(replaced)} would be "
-                "ignored: remove them from the TrainingArguments (a warmup goes into the seesaw config's warmup)"
-            )
-        if lr_policy is None and self.lr_policy is not None and self.sharding_engine in ("zero1", "zero2", "zero3"):
-            if "scheduler" in self.accelerator.state.deepspeed_plugin.deepspeed_config:
-                raise ConfigError(
-                    "the seesaw batch schedule and the DeepSpeed config's 'scheduler' section would both set the "
-                    "learning rate; remove the 'scheduler' section"
-                )
+        if lr_policy is None and self.lr_policy is not None:
+            check_lr_policy_owns_lr(targs, self._deepspeed_config(), seesaw=True)
         self.couple = resolve_coupling(couple, self.batch_schedule)
         self._coupling = CouplingCallback(self, self.couple) if self.couple is not None else None
         if self._coupling is not None:
@@ -571,6 +531,12 @@ class BatchRampMixin:
             bind_callbacks(self)
 
     # ---- public extras -------------------------------------------------------------------------
+    def _deepspeed_config(self) -> dict | None:
+        """The DeepSpeed config under ZeRO-1/2/3 (where a 'scheduler' section drives the LR), else ``None``."""
+        if self.sharding_engine in ("zero1", "zero2", "zero3"):
+            return self.accelerator.state.deepspeed_plugin.deepspeed_config
+        return None
+
     def note_bound_callback(self, callback) -> None:
         """Called by an ``hf_batchsched`` callback bound to this trainer, so ``train()`` can refuse one that listens to
         the micro-chunk events but was never added to the callback list."""
@@ -608,10 +574,10 @@ class BatchRampMixin:
         self.clock.load_state_dict(state["clock"])
         self._batch_size_history = [list(entry) for entry in state["batch_sizes"]]
         self.ramp_position = state["consumed_rows"]
-        self.last_batch_size = state.get("last_batch_size")
-        self.last_micro_chunks = state.get("last_micro_chunks")
+        self.last_batch_size = state["last_batch_size"]
+        self.last_micro_chunks = state["last_micro_chunks"]
         if self._coupling is not None:  # B0 of the run; a checkpoint saved without coupling: its first step's batch
-            saved_base = (state.get("coupling") or {}).get("base_batch_size")
+            saved_base = (state["coupling"] or {}).get("base_batch_size")
             history = state["batch_sizes"]
             self._coupling.base_batch_size = saved_base or (history[0][0] if history else None)
         self._resumed_ramp_state = state
@@ -1081,43 +1047,15 @@ class BatchRampMixin:
         )
 
     def accumulated_grad_sq_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
-        """Squared norm of the gradient accumulated so far in this step, as the engine holds it (float64 scalar).
-
-        One process / DDP: this rank's ``.grad`` (in place, no copy). ZeRO-3: the reduced (mean over ranks)
-        gradient's local partitions (``safe_get_local_grad``) summed over ranks (one scalar all-reduce).
-        FSDP2: the reduced, sharded ``.grad`` (local shards summed over ranks). With a sharded engine every rank
-        must call it. Under ZeRO read it before the last chunk (the engine steps and clears in the last backward):
-        use :meth:`step_grad_sq_norm` after it.
-        """
-        from .probes.noise_scale import grad_sq_norm
-
-        engine = self.sharding_engine
-        if engine in ("zero0", "zero1", "zero2"):
-            raise ConfigError(
-                f"{engine} keeps a micro-chunk's gradient in internal buffers until the accumulation boundary; the "
-                "accumulated gradient can be read under ZeRO-3, FSDP2 and DDP"
-            )
-        if engine in (None, "fsdp1"):
-            return grad_sq_norm(params)
-        if engine == "zero3":
-            from deepspeed.utils import safe_get_local_grad
-
-            total = _sq_norm([safe_get_local_grad(p) for p in params])
-        else:
-            total = _sq_norm([p.grad.to_local() if p.grad is not None else None for p in params])
-        torch.distributed.all_reduce(total)
-        return total
+        """Squared norm of the gradient accumulated so far in this step, as this trainer's engine holds it
+        (``hf_batchsched.sharded_grads.accumulated_grad_sq_norm``). With a sharded engine every rank must call it."""
+        return accumulated_grad_sq_norm(self.sharding_engine, params)
 
     def step_grad_sq_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
-        """Squared norm of the whole step's reduced gradient, read after the last chunk's backward: under DeepSpeed
-        the engine's own pre-clipping norm (``engine.get_global_grad_norm()``), else
-        :meth:`accumulated_grad_sq_norm`."""
-        if self.is_deepspeed_enabled:
-            norm = self.accelerator.deepspeed_engine_wrapped.engine.get_global_grad_norm()
-            if norm is None:
-                return torch.tensor(float("nan"), dtype=torch.float64)
-            return torch.as_tensor(norm, dtype=torch.float64).reshape(()) ** 2
-        return self.accumulated_grad_sq_norm(params)
+        """Squared norm of the whole step's reduced gradient, read after the last chunk's backward
+        (``hf_batchsched.sharded_grads.step_grad_sq_norm``)."""
+        engine = self.accelerator.deepspeed_engine_wrapped.engine if self.is_deepspeed_enabled else None
+        return step_grad_sq_norm(self.sharding_engine, params, deepspeed_engine=engine)
 
     def _chunk_loss_weights(self, chunks: list[dict], num_items_in_batch, accumulation: list[float]) -> list[tuple]:
         """``(items, loss weight)`` of each chunk (``hf_batchsched.loss_weights``), from the Trainer's settings."""

@@ -308,4 +308,3 @@ class SpikeGuardCallback(TrainerBoundCallback, TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:  # the Trainer's training log (not ours, not evaluation)
             log_metrics(self.trainer, self._logs())
-
