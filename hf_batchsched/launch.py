@@ -2,8 +2,8 @@
 is built: a multi-process launch with distributed arguments, the engine accelerate really set up (DeepSpeed ZeRO
 stage, FSDP version, or none), the size options, and the scheduler settings that an ``lr_policy`` replaces.
 
-Nothing here reads Trainer internals (``hf_batchsched.trainer`` holds those); ``trainer._enable_fsdp_on_cpu``, which
-changes accelerate's private process state, stays there.
+Nothing here reads Trainer internals: ``hf_batchsched.trainer`` holds those, ``_enable_fsdp_on_cpu`` included (it
+changes accelerate's private process state).
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def chunk_loss_weights(
     weights = []
     for chunk, chunk_accumulation in zip(chunks, accumulation):
         samples = batch_len(chunk)
-        if token_normalised:  # label tokens counted like Trainer._get_num_items_in_batch, on the trimmed chunk
+        if token_normalised:  # label tokens counted like the Trainer's _get_num_items_in_batch, on the trimmed chunk
             labels = chunk.get("shift_labels")
             if labels is None:
                 labels = chunk["labels"][..., 1:] if labels_shifted else chunk["labels"]

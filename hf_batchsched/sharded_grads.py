@@ -33,8 +33,8 @@ def accumulated_grad_sq_norm(engine: str | None, params: list[torch.Tensor]) -> 
 
     >>> layer = torch.nn.Linear(2, 1, bias=False)
     >>> layer.weight.grad = torch.tensor([[3.0, 4.0]])
-    >>> accumulated_grad_sq_norm(None, list(layer.parameters()))
-    tensor(25., dtype=torch.float64)
+    >>> float(accumulated_grad_sq_norm(None, list(layer.parameters())))
+    25.0
     """
     if engine in ("zero0", "zero1", "zero2"):
         raise ConfigError(

@@ -16,7 +16,7 @@ class StepWatch:
     """The current optimizer step's training loss and pre-clipping gradient norm, for callbacks acting before it.
 
     Callback events carry neither: at ``on_pre_optimizer_step`` the gradients are already clipped to
-    ``max_grad_norm``, and the Trainer's running loss (``Trainer._tr_loss``) has a NaN step replaced by the mean of
+    ``max_grad_norm``, and the Trainer's running loss (the private ``_tr_loss``) has a NaN step replaced by the mean of
     earlier ones when ``logging_nan_inf_filter`` is on (the default). ``StepWatch(trainer)`` wraps, on this trainer
     instance only, the two public calls that produce them: ``trainer.training_step`` (each return value, the loss
     the Trainer accumulates, NaN included, is summed on the device) and ``trainer.accelerator.clip_grad_norm_``

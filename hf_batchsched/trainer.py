@@ -155,6 +155,7 @@ __all__ = [
     "BatchRampTrainer",
     "full_parameters",
     "log_metrics",
+    "prepare_inputs",
     "set_scheduler_lrs",
 ]
 
@@ -175,6 +176,12 @@ def set_scheduler_lrs(scheduler, lrs) -> None:
     """
     if hasattr(scheduler, "_last_lr"):
         scheduler._last_lr = list(lrs)
+
+
+def prepare_inputs(trainer: Trainer, batch: Mapping) -> dict:
+    """``batch`` as the Trainer would feed it to the model (on its device, through its private ``_prepare_inputs``),
+    for code that runs the model on batches itself (the LR range test, probes)."""
+    return trainer._prepare_inputs(batch)
 
 
 def _plain(value: Any) -> Any:
