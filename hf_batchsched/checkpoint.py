@@ -28,15 +28,12 @@ hf_batchsched.errors.ConfigError: checkpoint .../checkpoint-3 is incomplete: tra
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import math
 import os
 import re
-import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -51,7 +48,6 @@ __all__ = [
     "ResumePoint",
     "append_batch_size",
     "checkpoint_files",
-    "describe_schedule",
     "expand_batch_sizes",
     "find_resume_checkpoint",
     "plan_differences",
@@ -383,21 +379,6 @@ def plan_differences(saved: Mapping, current: Mapping, keys: Sequence[str] = PLA
         for key in keys
         if saved.get(key) != current.get(key)
     ]
-
-
-def describe_schedule(schedule) -> object:
-    """A JSON-ready identity of a batch schedule for the plan fingerprint: its config, else a stable name."""
-    to_config = getattr(schedule, "to_config", None)
-    if callable(to_config):
-        with contextlib.suppress(NotImplementedError):
-            return to_config()
-    if isinstance(schedule, (types.FunctionType, types.MethodType, functools.partial)):
-        function = schedule.func if isinstance(schedule, functools.partial) else schedule
-        return f"{function.__module__}.{function.__qualname__}"
-    text = repr(schedule)
-    if " at 0x" in text:  # the default repr names an address, which differs between runs
-        return f"{type(schedule).__module__}.{type(schedule).__qualname__}"
-    return text
 
 
 def save_trainer_state_atomically(state, json_path: str) -> None:

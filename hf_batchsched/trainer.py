@@ -114,15 +114,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, 
 
 from .callback_binding import bind_callbacks, save_callback_state
 from .checkpoint import (
-    PLAN_KEYS,
     RAMP_STATE_KEY,
     STREAM_KEYS,
     TRAINER_STATE_FILE,
     append_batch_size,
-    describe_schedule,
     expand_batch_sizes,
     find_resume_checkpoint,
-    plan_differences,
     save_trainer_state_atomically,
     validate_ramp_state,
 )
@@ -145,6 +142,7 @@ from .launch import (
     train_sampling_strategy,
 )
 from .loss_weights import chunk_loss_weights, per_token_labels
+from .ramp_plan import describe_schedule, resumed_plan_changes, step_sizes
 from .schedules.base import Policy
 from .schedules.noise import sgd_noise
 from .schedules.seesaw_pair import check_seesaw_pair
@@ -743,13 +741,10 @@ class BatchRampMixin:
         training is not already over.
         """
 
-        def sizes(sampler, steps):
-            return [sampler.samples_before(last) - sampler.samples_before(first) for first, last in steps]
-
         planner = self._ramp_sampler.at_position(0)
         cap = args.max_steps if args.max_steps > 0 else None
         steps_from_start = planner.plan_rows(max_steps=cap)
-        from_start = sizes(planner, steps_from_start)
+        from_start = step_sizes(planner, steps_from_start)
         fingerprint = {
             **self._stream_fingerprint(),
             "batch_schedule": describe_schedule(self.batch_schedule),
@@ -772,11 +767,8 @@ class BatchRampMixin:
             return from_start, steps_from_start[-1][1]
         source = self._resume_source or "the checkpoint"
         taken = expand_batch_sizes(saved["batch_sizes"])
-        changes = plan_differences(saved["plan"], self._plan_fingerprint, PLAN_KEYS)
-        if not changes and not getattr(self.batch_schedule, "online", False) and from_start[: len(taken)] != taken:
-            step = next(i for i, size in enumerate(taken) if i >= len(from_start) or from_start[i] != size)
-            planned = from_start[step] if step < len(from_start) else "no step"
-            changes = [f"step {step + 1}, already taken, had batch size {taken[step]}; this run plans {planned}"]
+        online = getattr(self.batch_schedule, "online", False)
+        changes = resumed_plan_changes(saved["plan"], self._plan_fingerprint, taken, from_start, online=online)
         if changes and not self.allow_schedule_change_on_resume:
             raise ConfigError(
                 f"{source} does not match this run's batch plan ({'; '.join(changes)}): resuming would cut training "
@@ -790,7 +782,7 @@ class BatchRampMixin:
                 "; ".join(changes),
             )
         remaining_steps = self._ramp_sampler.plan_rows(max_steps=None if cap is None else max(cap - len(taken), 0))
-        remaining = sizes(self._ramp_sampler, remaining_steps)
+        remaining = step_sizes(self._ramp_sampler, remaining_steps)
         if not remaining:
             raise ConfigError(
                 f"{source} is at the end of training: its {len(taken)} steps and {self.clock.consumed_samples} "
