@@ -34,6 +34,7 @@ import tempfile
 import time
 
 import torch
+from transformers import TrainerCallback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -110,8 +111,8 @@ def timed_train(trainer) -> tuple[float, float, float]:
     return samples / wall, samples / cpu, wall / trainer.state.global_step
 
 
-class GradientBytes:
-    """Step hook: gradient bytes this rank holds after the first chunk's backward (FSDP2)."""
+class GradientBytes(TrainerCallback):
+    """Micro-chunk listener: gradient bytes this rank holds after the first chunk's backward (FSDP2)."""
 
     def __init__(self):
         self.bytes: int | None = None
@@ -167,7 +168,7 @@ def worker(args) -> None:
             for mode in ("every_chunk", "last_chunk"):
                 trainer = build("ramp", engine, args, os.path.join(tmp, mode), fsdp_gradient_sync=mode)
                 hook = GradientBytes()
-                trainer.add_step_hook(hook)
+                trainer.add_callback(hook)
                 trainer.train()
                 result["grad_bytes_after_chunk_1"][mode] = hook.bytes
             result["param_bytes"] = sum(p.numel() * 4 for p in build("plain", "none", args, tmp).model.parameters())

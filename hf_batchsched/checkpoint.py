@@ -28,6 +28,7 @@ hf_batchsched.errors.ConfigError: checkpoint .../checkpoint-3 is incomplete: tra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -41,6 +42,7 @@ from .errors import ConfigError
 __all__ = [
     "PLAN_KEYS",
     "RAMP_STATE_KEY",
+    "STATE_KEYS",
     "STREAM_KEYS",
     "TRAINER_STATE_FILE",
     "ResumePoint",
@@ -49,6 +51,7 @@ __all__ = [
     "expand_batch_sizes",
     "find_resume_checkpoint",
     "plan_differences",
+    "save_trainer_state_atomically",
     "validate_ramp_state",
     "write_text_atomically",
 ]
@@ -77,9 +80,19 @@ PLAN_KEYS = (
     "dataloader_drop_last",
     "couple",
 )
-#: Plan keys that checkpoints of earlier versions lack (read as ``None``: not set).
-OPTIONAL_PLAN_KEYS = ("couple",)
 STREAM_KEYS = ("dataset_size", "seed")
+#: The keys of the ramp state (``BatchRampMixin.ramp_state_dict``); a state without one of them is damaged.
+STATE_KEYS = (
+    "clock",
+    "consumed_rows",
+    "batch_sizes",
+    "plan",
+    "last_batch_size",
+    "last_micro_chunks",
+    "save_only_model",
+    "coupling",
+    "checkpoint_files",
+)
 
 
 class _Incomplete(Exception):
@@ -168,7 +181,7 @@ def validate_ramp_state(state, source: str) -> None:
 
     if not isinstance(state, Mapping):
         raise damaged(f"expected a JSON object, found {type(state).__name__}")
-    for key in ("clock", "consumed_rows", "batch_sizes", "plan", "save_only_model", "checkpoint_files"):
+    for key in STATE_KEYS:
         if key not in state:
             raise damaged(f"the key {key!r} is missing")
     if not _int(state["consumed_rows"]):
@@ -196,23 +209,22 @@ def validate_ramp_state(state, source: str) -> None:
             f"{clock['optimizer_steps']} steps and {clock['consumed_samples']} samples"
         )
     plan = state["plan"]
-    required = [key for key in PLAN_KEYS if key not in OPTIONAL_PLAN_KEYS]
-    if not isinstance(plan, Mapping) or any(key not in plan for key in required):
-        missing = [key for key in required if not isinstance(plan, Mapping) or key not in plan]
-        raise damaged(f"'plan' must be an object with the keys {', '.join(required)}; missing: {', '.join(missing)}")
+    if not isinstance(plan, Mapping) or any(key not in plan for key in PLAN_KEYS):
+        missing = [key for key in PLAN_KEYS if not isinstance(plan, Mapping) or key not in plan]
+        raise damaged(f"'plan' must be an object with the keys {', '.join(PLAN_KEYS)}; missing: {', '.join(missing)}")
     if not isinstance(state["save_only_model"], bool):
         raise damaged(f"'save_only_model' is {state['save_only_model']!r}, expected true or false")
     files = state["checkpoint_files"]
     if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
         raise damaged("'checkpoint_files' must be a list of file names")
-    coupling = state.get("coupling")
+    coupling = state["coupling"]
     if coupling is not None and (
         not isinstance(coupling, Mapping)
         or (coupling.get("base_batch_size") is not None and not _int(coupling["base_batch_size"], 1))
     ):
         raise damaged(f"'coupling' is {coupling!r}, expected null or an object with a positive 'base_batch_size'")
     for key in ("last_batch_size", "last_micro_chunks"):
-        if state.get(key) is not None and not _int(state[key], 1):
+        if state[key] is not None and not _int(state[key], 1):
             raise damaged(f"'{key}' is {state[key]!r}, expected a positive integer or null")
 
 
@@ -367,3 +379,11 @@ def plan_differences(saved: Mapping, current: Mapping, keys: Sequence[str] = PLA
         for key in keys
         if saved.get(key) != current.get(key)
     ]
+
+
+def save_trainer_state_atomically(state, json_path: str) -> None:
+    """``TrainerState.save_to_json``, written through a temporary file and a rename, listing the checkpoint's files."""
+    stored = (state.stateful_callbacks or {}).get(RAMP_STATE_KEY)
+    if isinstance(stored, dict):
+        stored["checkpoint_files"] = checkpoint_files(os.path.dirname(json_path))
+    write_text_atomically(json_path, json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n")

@@ -32,21 +32,32 @@ training clock (consumed samples or tokens) and is realised as **accumulation at
   ``allow_schedule_change_on_resume=True``), and with ``True`` takes the newest *complete* checkpoint.
 
 The schedule is read when the DataLoader draws a step batch: with ``dataloader_num_workers=0`` that is right
-before the step that uses it, after the previous step's optimizer step, callbacks and step hooks, so an online
+before the step that uses it, after the previous step's optimizer step and callbacks, so an online
 (adaptive) schedule sees every measurement up to the previous step; worker processes read it earlier (prefetch).
 
-Everything that touches Trainer internals lives in this module.
+Everything that touches Trainer, accelerate or torch internals lives in this module: the ``Trainer`` overrides
+(``set_initial_training_values``, ``_save_checkpoint``, ``training_step``, ``get_train_dataloader``), the shifted-label
+count (``_loss_shifts_labels``), ``_prepare_inputs``, FSDP2/ZeRO-3 parameter gathering (``full_parameters``), and the
+public helpers the callbacks use instead of internals: ``set_scheduler_lrs`` (torch's ``_last_lr``) and
+``log_metrics`` (the Trainer's ``control.should_log``). What reads no internals lives beside it: the launch and
+argument checks (``hf_batchsched.launch``), the chunk loss weights (``hf_batchsched.loss_weights``), the engines'
+gradient norms (``hf_batchsched.sharded_grads``), ``StepWatch`` (``hf_batchsched.step_watch``), the checkpoint rules
+(``hf_batchsched.checkpoint``) and how callbacks bind and keep state (``hf_batchsched.callback_binding``).
 
-Step hooks
-----------
-``trainer.add_step_hook(obj)`` registers an object that may implement either method:
+Micro-chunk events
+------------------
+Besides the Trainer's callback events, a ``BatchRampTrainer`` calls two of its own, from inside ``training_step``, on
+every callback in its list (``callbacks=[...]``, ``add_callback``) that defines them; they take the trainer first
+because they happen inside the step, where the Trainer passes no ``args``/``state``/``control``:
 
 - ``on_micro_chunk_end(trainer, chunk_index, num_chunks, chunk_num_samples)``: called on every rank after each
   micro-chunk's backward (before the optimizer step; for ``chunk_index < num_chunks - 1`` the gradients are
-  this rank's local accumulation, not yet all-reduced). A gradient-noise-scale estimator reads norms here.
+  this rank's local accumulation, not yet all-reduced). ``NoiseScaleCallback`` reads gradient norms here.
 - ``on_step_batch_end(trainer, step_num_samples)``: after the last chunk of a step (global sample count).
 
-When step hooks are registered, the trainer sets two attributes describing each chunk before it runs:
+A callback that defines them and is bound to the trainer (``XCallback(trainer)``) but not in its list is refused at
+``train()`` (it would never hear them). When a callback listens, the trainer sets two attributes describing each
+chunk before it runs:
 
 - ``trainer.current_chunk_num_items``: the items the chunk's loss averages over on this rank: label tokens
   (non ``-100`` labels, shifted like the model's loss, counted as the Trainer counts ``num_items_in_batch``) when the
@@ -55,8 +66,8 @@ When step hooks are registered, the trainer sets two attributes describing each 
   rank's accumulated gradient before DDP's average over ranks: ``world · items_chunk / items_step`` for a
   token-normalised loss (``items_step`` = the Trainer's ``num_items_in_batch``, global with the default
   ``average_tokens_across_devices=True``; without it the factor is ``items_chunk / items_rank``),
-  ``world · samples_chunk / samples_step`` for a per-example loss. So ``.grad / weight`` after chunk 1 is the
-  gradient of chunk 1's mean loss.
+  ``world · samples_chunk / samples_step`` for a per-example loss (``hf_batchsched.loss_weights``). So
+  ``.grad / weight`` after chunk 1 is the gradient of chunk 1's mean loss.
 
 Metrics (added to every training log, so they reach every ``report_to`` integration):
 
@@ -87,101 +98,158 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import functools
 import json
 import logging
 import math
-import numbers
 import os
-import types
 from collections.abc import Mapping
+from typing import Any
 
+import datasets
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, seed_worker
 
 from .batching import IGNORE_INDEX, batch_len, count_batch, packed_sequence_starts, split_micro_chunks
-from .callbacks._binding import bind_callbacks
-from .callbacks._state import save_callback_state
+from .callback_binding import bind_callbacks, save_callback_state
 from .checkpoint import (
-    PLAN_KEYS,
     RAMP_STATE_KEY,
     STREAM_KEYS,
     TRAINER_STATE_FILE,
     append_batch_size,
-    checkpoint_files,
     expand_batch_sizes,
     find_resume_checkpoint,
-    plan_differences,
+    save_trainer_state_atomically,
     validate_ramp_state,
-    write_text_atomically,
 )
 from .clock import TrainingClock
 from .coupling import CouplingCallback, resolve_coupling
 from .data.lengths import sample_lengths
 from .data.sampler import DrawnStep, RampBatchSampler
 from .errors import ConfigError, check_choice, check_integer, check_positive
+from .launch import (
+    FSDP_GRADIENT_SYNC,
+    FSDP_ON_CPU_ENV,
+    check_distributed_launch,
+    check_lr_policy_owns_lr,
+    check_sharding_engine,
+    check_unset_or_positive,
+    copy_training_arguments,
+    env_flag,
+    fsdp_requested,
+    train_sampling_strategy,
+)
+from .loss_weights import chunk_loss_weights, per_token_labels
+from .ramp_plan import describe_schedule, resumed_plan_changes, step_sizes
 from .schedules.base import Policy
 from .schedules.batch_config import as_batch_schedule
 from .schedules.seesaw_pair import check_seesaw_pair
 from .schedules.smith import sgd_noise_of_group
+from .sharded_grads import accumulated_grad_sq_norm, step_grad_sq_norm
 
 __all__ = [
     "BatchRampMixin",
     "BatchRampTrainer",
-    "FSDP_ON_CPU_ENV",
-    "RAMP_STATE_KEY",
-    "StepWatch",
-    "bind_callbacks",
     "full_parameters",
+    "log_metrics",
+    "prepare_inputs",
+    "set_scheduler_lrs",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-def _per_token_labels(inputs: Mapping) -> bool:
-    """Whether the loss is token-level: integer labels with a sequence dimension (LM, token classification)."""
-    if torch.is_tensor(inputs.get("shift_labels")):
-        return True
-    labels = inputs.get("labels")
-    return torch.is_tensor(labels) and labels.dim() >= 2 and not labels.is_floating_point()
+# ---- helpers for the callbacks: the Trainer's and torch's internals they need, in one place ---------------------
+def set_scheduler_lrs(scheduler, lrs) -> None:
+    """Tell a torch LR scheduler that its last LRs are ``lrs`` (what ``get_last_lr()`` returns), after a callback set
+    the optimizer's group LRs itself (an LR cut, a policy switch). torch keeps them in the private ``_last_lr``; a
+    scheduler without it is left alone.
+
+    >>> import torch
+    >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    >>> set_scheduler_lrs(sched, [0.05]); sched.get_last_lr()
+    [0.05]
+    """
+    if hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr = list(lrs)
 
 
-def _describe_schedule(schedule) -> object:
-    """A JSON-ready identity of a batch schedule for the plan fingerprint: its config, else a stable name."""
-    to_config = getattr(schedule, "to_config", None)
-    if callable(to_config):
-        with contextlib.suppress(NotImplementedError):
-            return to_config()
-    if isinstance(schedule, (types.FunctionType, types.MethodType, functools.partial)):
-        function = schedule.func if isinstance(schedule, functools.partial) else schedule
-        return f"{function.__module__}.{function.__qualname__}"
-    text = repr(schedule)
-    if " at 0x" in text:  # the default repr names an address, which differs between runs
-        return f"{type(schedule).__module__}.{type(schedule).__qualname__}"
-    return text
+def prepare_inputs(trainer: Trainer, batch: Mapping) -> dict:
+    """``batch`` as the Trainer would feed it to the model (on its device, through its private ``_prepare_inputs``),
+    for code that runs the model on batches itself (the LR range test, probes)."""
+    return trainer._prepare_inputs(batch)
 
 
-def _save_trainer_state_atomically(state, json_path: str) -> None:
-    """``TrainerState.save_to_json``, written through a temporary file and a rename, listing the checkpoint's files."""
-    stored = (state.stateful_callbacks or {}).get(RAMP_STATE_KEY)
-    if isinstance(stored, dict):
-        stored["checkpoint_files"] = checkpoint_files(os.path.dirname(json_path))
-    write_text_atomically(json_path, json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n")
+def _plain(value: Any) -> Any:
+    """A Python number for a one-element tensor (integrations such as MLflow reject tensors), else ``value``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return value
 
 
-# ---- sharded engines: DeepSpeed ZeRO and FSDP2 -----------------------------------------------------------------
-#: Environment variable that lets accelerate run FSDP on CPU processes (``1`` to enable): accelerate enables FSDP only
-#: for GPU-like devices and silently runs DDP on the CPU otherwise.
-FSDP_ON_CPU_ENV = "HF_BATCHSCHED_FSDP_ON_CPU"
-#: ``fsdp_gradient_sync`` choices: reduce-scatter each micro-chunk's gradient, or only the last one's.
-FSDP_GRADIENT_SYNC = ("every_chunk", "last_chunk")
+def log_metrics(trainer: Any, logs: Mapping[str, Any]) -> None:
+    """Log ``logs`` through ``trainer.log`` from any callback event without cancelling the Trainer's own log.
 
+    Why a helper (transformers 5.x, checked against ``trainer.py`` and ``trainer_callback.py``):
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+    - ``Trainer.log(logs)`` appends to ``state.log_history`` and fires ``on_log``; ``CallbackHandler.on_log`` sets
+      ``control.should_log = False`` before calling the callbacks. It touches no other flag (``should_evaluate`` is
+      cleared by ``on_evaluate``, ``should_save`` by ``on_save``, all three by ``on_step_begin``).
+    - ``DefaultFlowCallback`` (always first in the list) sets ``should_log`` in ``on_step_end`` (``logging_steps``,
+      ``logging_first_step``) and in ``on_epoch_end`` (``logging_strategy="epoch"``); the Trainer then reads it in
+      ``_maybe_log_save_evaluate``, which runs right *after* those two events and writes the ``loss``/``grad_norm``/
+      ``learning_rate`` entry.
+    - So a callback that calls ``trainer.log`` from ``on_step_end`` or ``on_epoch_end`` on a logging step cancels the
+      Trainer's own training log for that step (the accumulated loss then goes out, averaged, at the next logging
+      step). Earlier events of a step (``on_step_begin``, ``on_pre_optimizer_step``, ``on_optimizer_step``,
+      ``on_substep_end``) run while ``should_log`` is still ``False``; ``on_log`` and ``on_evaluate`` run after the
+      training log was written. Logging from those is harmless, and the helper is a plain ``trainer.log`` there.
+
+    This function logs through ``transformers.Trainer.log`` (so the values reach every ``report_to`` integration, and
+    ``log_history``) and puts ``should_log`` back when it was set before the call. It calls the base class's ``log``,
+    not a subclass's override: trl's trainers (``SFTTrainer``, ...) merge the metrics they gather during the step
+    (``entropy``, ``mean_token_accuracy``, ``num_tokens``) into *every* ``log`` call and clear them only afterwards, so
+    an extra entry logged through their ``log`` would repeat them (from ``on_log``) or take them away from the training
+    log (from ``on_step_end``); through the base ``log`` each metric appears once per step, in the Trainer's own entry.
+
+    DDP: call it on every rank, like the Trainer's own ``self.log`` (which runs on every rank): it runs no collective,
+    writes no file, and keeps ``log_history`` the same on all ranks; the ``report_to`` integrations and the console
+    printer write only where ``state.is_world_process_zero``. Values must already agree across ranks (reduce them
+    before) if they should mean the same thing everywhere.
+
+    Args:
+        trainer (`transformers.Trainer`):
+            The trainer (``transformers.Trainer.log`` is called on it; anything else with ``log(dict)`` has its own
+            ``log`` called; ``control`` is read when present).
+        logs (`Mapping[str, float]`):
+            Metric name to value; one-element tensors are turned into Python numbers. Nothing is logged when empty.
+
+    Example:
+
+    >>> from types import SimpleNamespace
+    >>> from transformers.trainer_callback import TrainerControl
+    >>> trainer = SimpleNamespace(control=TrainerControl(should_log=True), history=[])
+    >>> def log(logs):  # what Trainer.log does to the flag, through CallbackHandler.on_log
+    ...     trainer.history.append(logs)
+    ...     trainer.control.should_log = False
+    >>> trainer.log = log
+    >>> log_metrics(trainer, {"sharpness/avg": torch.tensor(0.25)})
+    >>> trainer.history, trainer.control.should_log
+    ([{'sharpness/avg': 0.25}], True)
+    """
+    if not logs:
+        return
+    control = getattr(trainer, "control", None)
+    pending = bool(getattr(control, "should_log", False))
+    log = functools.partial(Trainer.log, trainer) if isinstance(trainer, Trainer) else trainer.log
+    log({key: _plain(value) for key, value in logs.items()})
+    if pending:
+        # Trainer.log may have replaced trainer.control with what the on_log callbacks returned: set both.
+        control.should_log = True
+        trainer.control.should_log = True
 
 
 def _enable_fsdp_on_cpu(args) -> None:
@@ -195,94 +263,11 @@ def _enable_fsdp_on_cpu(args) -> None:
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
-    if not _fsdp_requested(args) or AcceleratorState._shared_state:
+    if not fsdp_requested(args) or AcceleratorState._shared_state:
         return
     state = PartialState()
     if state.distributed_type == DistributedType.MULTI_CPU:
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
-
-
-def _fsdp_requested(args) -> bool:
-    return _env_flag("ACCELERATE_USE_FSDP") or bool(getattr(args, "fsdp", None))
-
-
-def _deepspeed_requested(args) -> bool:
-    return _env_flag("ACCELERATE_USE_DEEPSPEED") or bool(getattr(args, "deepspeed", None))
-
-
-def check_distributed_launch(args) -> None:
-    """Refuse a launch of several processes (``WORLD_SIZE > 1``: torchrun, accelerate launch) whose
-    ``TrainingArguments`` are not distributed: each process would train alone (on CPU without ``use_cpu``), or
-    without DDP's averaging (gloo without ``use_cpu``). ``args=None`` stands for the Trainer's default arguments."""
-    from transformers.training_args import ParallelMode
-
-    world = os.environ.get("WORLD_SIZE", "1").strip()
-    if not world.isdigit() or int(world) <= 1:
-        return
-    mode = getattr(args, "parallel_mode", ParallelMode.NOT_PARALLEL)
-    if mode in (ParallelMode.NOT_PARALLEL, ParallelMode.NOT_DISTRIBUTED):
-        raise ConfigError(
-            f"this is one of WORLD_SIZE={world} launched processes, but the TrainingArguments are not distributed "
-            "(each process would train alone); on CPU add --use_cpu true --ddp_backend gloo "
-            "(TrainingArguments(use_cpu=True, ddp_backend='gloo')), on GPUs give each process its own GPU"
-        )
-
-
-def _check_unset_or_positive(what: str, value, default: str) -> None:
-    """``None`` means "use the default"; anything else must be a positive integer (0 is not a way to unset it)."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ConfigError(
-            f"{what} must be a positive integer, got {value!r}; leave it None for the default ({default})"
-        )
-
-
-def _check_sharding_engine(trainer) -> str | None:
-    """The engine the Trainer really runs: ``"zero0"``-``"zero3"``, ``"fsdp1"``, ``"fsdp2"`` or ``None`` (DDP/one
-    process). Refuses, in one line, a launch that asked for FSDP or DeepSpeed and got plain DDP."""
-    args = trainer.args
-    device = "the CPU" if args.use_cpu or args.device.type == "cpu" else args.device.type
-    distributed_type = trainer.accelerator.distributed_type.value
-    if trainer.is_deepspeed_enabled:
-        config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
-        if config.get("zero_optimization", {}).get("stage", 0) not in (0, 1, 2, 3):
-            raise ConfigError("unknown DeepSpeed ZeRO stage; zero_optimization.stage must be 0, 1, 2 or 3")
-        if config.get("managed_gradient_accumulation") is False:
-            raise ConfigError(
-                "DeepSpeed managed_gradient_accumulation=false is not supported: the batch ramp marks each "
-                "micro-chunk's accumulation boundary itself; remove the key from the DeepSpeed config"
-            )
-        return f"zero{config.get('zero_optimization', {}).get('stage', 0)}"
-    if trainer.is_fsdp_enabled:
-        return f"fsdp{getattr(trainer.accelerator.state.fsdp_plugin, 'fsdp_version', 1)}"
-    if distributed_type == "NO":
-        got = "one process without sharding (distributed_type NO)"
-    else:
-        got = f"plain data parallel (distributed_type {distributed_type})"
-    if _fsdp_requested(args):
-        hint = (
-            f"accelerate enables FSDP on GPUs only; set {FSDP_ON_CPU_ENV}=1 to run FSDP2 on CPU processes (gloo)"
-            if device == "the CPU"
-            else "check the accelerate config (distributed_type: FSDP, fsdp_config) and the launch command"
-        )
-        raise ConfigError(
-            f"the launch asks for FSDP (ACCELERATE_USE_FSDP or --fsdp), but accelerate set up {got} on {device}: "
-            f"{hint}, or launch with recipes/accelerate/multi_gpu_ddp.yaml for DDP"
-        )
-    if _deepspeed_requested(args):
-        raise ConfigError(
-            f"the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED or --deepspeed), but accelerate set up {got} "
-            f"on {device}: accelerate's --cpu / use_cpu: true turns DeepSpeed off (DeepSpeed runs CPU processes "
-            "without it); remove it, or launch with recipes/accelerate/multi_gpu_ddp.yaml for DDP"
-        )
-    return None
-
-
-def _sq_norm(tensors: list[torch.Tensor | None]) -> torch.Tensor:
-    """``Σ |t|²`` over the tensors that are not ``None`` (each normed in float32), as a float64 scalar."""
-    norms = [torch.linalg.vector_norm(t, dtype=torch.float32).double() for t in tensors if t is not None]
-    return torch.stack(norms).pow(2).sum() if norms else torch.zeros((), dtype=torch.float64)
 
 
 def _fsdp_modules(model: torch.nn.Module) -> list:
@@ -302,7 +287,7 @@ def full_parameters(trainer):
     sharded state is restored; a probe that restores what it perturbs (all hf-batchsched probes do) leaves the
     model exactly as found. Costs the memory of the full model on each rank while inside. Call on every rank.
     """
-    engine = getattr(trainer, "sharding_engine", None) or _check_sharding_engine(trainer)
+    engine = getattr(trainer, "sharding_engine", None) or check_sharding_engine(trainer)
     model = trainer.model
     if engine == "zero3":
         import deepspeed
@@ -345,96 +330,6 @@ def full_parameters(trainer):
         raise ConfigError("probes on FSDP1 models are not supported; use FSDP2 (fsdp_version: 2) or DeepSpeed")
     else:
         yield model
-
-
-class StepWatch:
-    """The current optimizer step's training loss and pre-clipping gradient norm, for callbacks acting before it.
-
-    Callback events carry neither: at ``on_pre_optimizer_step`` the gradients are already clipped to
-    ``max_grad_norm``, and the Trainer's running loss (``Trainer._tr_loss``) has a NaN step replaced by the mean of
-    earlier ones when ``logging_nan_inf_filter`` is on (the default). ``StepWatch(trainer)`` wraps, on this trainer
-    instance only, the two public calls that produce them: ``trainer.training_step`` (each return value, the loss
-    the Trainer accumulates, NaN included, is summed on the device) and ``trainer.accelerator.clip_grad_norm_``
-    (through which the Trainer clips, or with ``max_grad_norm=0`` measures, the gradients; its return value is the
-    norm before clipping). It is opt-in and reversible: ``remove()`` puts both attributes back as they were.
-
-    ``reset()`` at the start of a step; then ``loss`` is the sum of the step's ``training_step`` returns (a 0-dim
-    tensor, ``None`` if none ran) and ``grad_norm`` the last pre-clipping norm (``None`` if no clip ran, e.g. a
-    Trainer path that does not clip through accelerate).
-
-    Example (as ``SpikeGuardCallback`` uses it)::
-
-        watch = StepWatch(trainer)  # on_train_begin
-        watch.reset()  # on_step_begin
-        loss, grad_norm = watch.loss, watch.grad_norm  # on_pre_optimizer_step
-        watch.remove()  # on_train_end
-    """
-
-    def __init__(self, trainer):
-        self.loss: torch.Tensor | None = None
-        self.grad_norm: float | None = None
-        self._patched = []
-        self._wrap(trainer, "training_step", self._on_training_step)
-        self._wrap(trainer.accelerator, "clip_grad_norm_", self._on_clip)
-
-    def _wrap(self, owner, name: str, record) -> None:
-        original = getattr(owner, name)
-
-        @functools.wraps(original)
-        def wrapper(*args, **kwargs):
-            result = original(*args, **kwargs)
-            record(result)
-            return result
-
-        self._patched.append((owner, name, vars(owner).get(name)))
-        setattr(owner, name, wrapper)
-
-    def _on_training_step(self, loss) -> None:
-        loss = torch.as_tensor(loss).detach().float().reshape(())
-        self.loss = loss if self.loss is None else self.loss + loss.to(self.loss.device)
-
-    def _on_clip(self, norm) -> None:
-        if norm is not None:
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor (FSDP2)
-            self.grad_norm = float(norm)
-
-    def reset(self) -> None:
-        self.loss, self.grad_norm = None, None
-
-    def remove(self) -> None:
-        for owner, name, previous in reversed(self._patched):
-            if previous is None:
-                vars(owner).pop(name, None)
-            else:
-                setattr(owner, name, previous)
-        self._patched = []
-
-
-def _copy_training_arguments(targs):
-    """A copy of the user's ``TrainingArguments`` for the trainer to change (its dict/list fields copied too)."""
-    copied = copy.copy(targs)
-    for field in dataclasses.fields(targs):
-        value = getattr(targs, field.name, None)
-        if isinstance(value, (dict, list, set)):
-            setattr(copied, field.name, copy.deepcopy(value))
-    return copied
-
-
-def _scheduler_settings_replaced_by_policy(targs) -> list[str]:
-    """The ``lr_scheduler_type``/``warmup_*``/``lr_scheduler_kwargs`` the user set away from their defaults."""
-    defaults = {field.name: field.default for field in dataclasses.fields(type(targs))}
-    changed = []
-    for name in ("lr_scheduler_type", "warmup_steps", "warmup_ratio", "lr_scheduler_kwargs"):
-        if name not in defaults:
-            continue
-        value, default = getattr(targs, name), defaults[name]
-        value = getattr(value, "value", value)
-        if name == "lr_scheduler_kwargs":
-            if value:
-                changed.append(f"{name}={value!r}")
-        elif value != getattr(default, "value", default):
-            changed.append(f"{name}={value!r}")
-    return changed
 
 
 class _RampCallback(TrainerCallback):
@@ -540,21 +435,21 @@ class BatchRampMixin:
         # The trainer changes its TrainingArguments (gradient_accumulation_steps, ignore_data_skip): work on a copy
         # so the caller's object stays as it was.
         if kwargs.get("args") is not None:
-            kwargs["args"] = _copy_training_arguments(kwargs["args"])
+            kwargs["args"] = copy_training_arguments(kwargs["args"])
         elif len(args) > 1 and args[1] is not None:
-            args = (args[0], _copy_training_arguments(args[1]), *args[2:])
-        if _env_flag(FSDP_ON_CPU_ENV):
+            args = (args[0], copy_training_arguments(args[1]), *args[2:])
+        if env_flag(FSDP_ON_CPU_ENV):
             _enable_fsdp_on_cpu(kwargs.get("args", args[1] if len(args) > 1 else None))
         # Checked before the Trainer makes output_dir:
-        _check_unset_or_positive("max_micro_batch_size", max_micro_batch_size, "per_device_train_batch_size")
-        _check_unset_or_positive("batch_size_multiple", batch_size_multiple, "the world size")
+        check_unset_or_positive("max_micro_batch_size", max_micro_batch_size, "per_device_train_batch_size")
+        check_unset_or_positive("batch_size_multiple", batch_size_multiple, "the world size")
         if seed is not None:
             check_integer("seed", seed)
         check_distributed_launch(kwargs.get("args", args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
         targs = self.args
         self.fsdp_gradient_sync = fsdp_gradient_sync
-        self.sharding_engine = _check_sharding_engine(self)
+        self.sharding_engine = check_sharding_engine(self)
         world_size = targs.world_size
         accumulation = targs.gradient_accumulation_steps
         if batch_schedule is None:
@@ -585,19 +480,8 @@ class BatchRampMixin:
 
             lr_policy = lr_policy_from_config(lr_policy)
         self.lr_policy = lr_policy
-        replaced = _scheduler_settings_replaced_by_policy(targs) if lr_policy is not None else []
-        if replaced:
-            raise ConfigError(
-                f"lr_policy sets the learning rate of every step, so {', '.join(replaced)} would be ignored: remove "
-                "them from the TrainingArguments (a warmup goes into the policy: {'name': 'warmup', 'warmup': ..., "
-                "'policy': ...}) or drop lr_policy"
-            )
-        if lr_policy is not None and self.sharding_engine in ("zero1", "zero2", "zero3"):
-            if "scheduler" in self.accelerator.state.deepspeed_plugin.deepspeed_config:
-                raise ConfigError(
-                    "lr_policy and the DeepSpeed config's 'scheduler' section would both set the learning rate; "
-                    "remove the 'scheduler' section (the policy then drives the engine's optimizer) or the lr_policy"
-                )
+        if lr_policy is not None:
+            check_lr_policy_owns_lr(targs, self._deepspeed_config(), seesaw=False)
         self.ramp_seed = seed if seed is not None else (targs.data_seed if targs.data_seed is not None else targs.seed)
         check_integer("seed", self.ramp_seed)
         self.ramp_rounding = rounding
@@ -612,15 +496,7 @@ class BatchRampMixin:
                 "a batch ramp needs a map-style train_dataset with a length (an IterableDataset cannot be shuffled "
                 "or resumed by position); materialise it, e.g. datasets.Dataset.from_generator(...)"
             )
-        strategy = getattr(targs, "train_sampling_strategy", "random")
-        if getattr(targs, "group_by_length", False):  # the boolean flag of transformers < 5.x
-            strategy = "group_by_length"
-        if strategy not in ("random", "sequential", "group_by_length"):
-            raise ConfigError(
-                f"train_sampling_strategy={strategy!r} is not supported with a batch ramp (the ramp draws its own "
-                "step batches); use 'random', 'sequential' or 'group_by_length' (sorts each step batch by length)"
-            )
-        self.sampling_strategy = strategy
+        self.sampling_strategy = train_sampling_strategy(targs)
         if not isinstance(allow_schedule_change_on_resume, bool):
             raise ConfigError(
                 f"allow_schedule_change_on_resume must be True or False, got {allow_schedule_change_on_resume!r}"
@@ -638,24 +514,14 @@ class BatchRampMixin:
         self.ramp_position = 0  # stream position (dataset rows) after the last completed optimizer step
         self.last_step_rows: int | None = None
         self._leading_trim_exact: bool | None = None
-        self._step_hooks: list = []
+        self._bound_callbacks: list = []  # hf_batchsched callbacks bound to this trainer (note_bound_callback)
         self._ramp_sampler: RampBatchSampler | None = None
         self._ramp_callback = _RampCallback(self)
         self.add_callback(self._ramp_callback)
         # ---- Seesaw's own LR schedule; coupled hyperparameters (hf_batchsched.coupling) ----
         self.lr_policy = check_seesaw_pair(self.batch_schedule, self.lr_policy, self.batch_size_multiple)
-        replaced = _scheduler_settings_replaced_by_policy(targs) if lr_policy is None and self.lr_policy else []
-        if replaced:
-            raise ConfigError(
-                f"the seesaw batch schedule sets the learning rate of every step, so {', '.join(replaced)} would be "
-                "ignored: remove them from the TrainingArguments (a warmup goes into the seesaw config's warmup)"
-            )
-        if lr_policy is None and self.lr_policy is not None and self.sharding_engine in ("zero1", "zero2", "zero3"):
-            if "scheduler" in self.accelerator.state.deepspeed_plugin.deepspeed_config:
-                raise ConfigError(
-                    "the seesaw batch schedule and the DeepSpeed config's 'scheduler' section would both set the "
-                    "learning rate; remove the 'scheduler' section"
-                )
+        if lr_policy is None and self.lr_policy is not None:
+            check_lr_policy_owns_lr(targs, self._deepspeed_config(), seesaw=True)
         self.couple = resolve_coupling(couple, self.batch_schedule)
         self._coupling = CouplingCallback(self, self.couple) if self.couple is not None else None
         if self._coupling is not None:
@@ -671,13 +537,19 @@ class BatchRampMixin:
             bind_callbacks(self)
 
     # ---- public extras -------------------------------------------------------------------------
-    def add_step_hook(self, hook) -> None:
-        """Register an object with ``on_micro_chunk_end`` and/or ``on_step_batch_end`` (see the module docstring)."""
-        if not (hasattr(hook, "on_micro_chunk_end") or hasattr(hook, "on_step_batch_end")):
-            raise ConfigError(
-                f"{type(hook).__name__} implements neither on_micro_chunk_end nor on_step_batch_end; nothing to call"
-            )
-        self._step_hooks.append(hook)
+    def _deepspeed_config(self) -> dict | None:
+        """The DeepSpeed config under ZeRO-1/2/3 (where a 'scheduler' section drives the LR), else ``None``."""
+        if self.sharding_engine in ("zero1", "zero2", "zero3"):
+            return self.accelerator.state.deepspeed_plugin.deepspeed_config
+        return None
+
+    def note_bound_callback(self, callback) -> None:
+        """Called by an ``hf_batchsched`` callback bound to this trainer, so ``train()`` can refuse one that listens to
+        the micro-chunk events but was never added to the callback list."""
+        self._bound_callbacks.append(callback)
+
+    def _chunk_listeners(self, event: str) -> list:
+        return [callback for callback in self.callback_handler.callbacks if hasattr(callback, event)]
 
     def ramp_state_dict(self) -> dict:
         """What checkpoints store (in ``trainer_state.json``): the clock after the last completed optimizer step, the
@@ -708,10 +580,10 @@ class BatchRampMixin:
         self.clock.load_state_dict(state["clock"])
         self._batch_size_history = [list(entry) for entry in state["batch_sizes"]]
         self.ramp_position = state["consumed_rows"]
-        self.last_batch_size = state.get("last_batch_size")
-        self.last_micro_chunks = state.get("last_micro_chunks")
+        self.last_batch_size = state["last_batch_size"]
+        self.last_micro_chunks = state["last_micro_chunks"]
         if self._coupling is not None:  # B0 of the run; a checkpoint saved without coupling: its first step's batch
-            saved_base = (state.get("coupling") or {}).get("base_batch_size")
+            saved_base = (state["coupling"] or {}).get("base_batch_size")
             history = state["batch_sizes"]
             self._coupling.base_batch_size = saved_base or (history[0][0] if history else None)
         self._resumed_ramp_state = state
@@ -723,6 +595,14 @@ class BatchRampMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint, and a resume is
         checked against this run (see ``hf_batchsched.checkpoint``); a mismatch raises ``ConfigError``."""
+        for callback in self._bound_callbacks:
+            listens = hasattr(callback, "on_micro_chunk_end") or hasattr(callback, "on_step_batch_end")
+            if listens and callback not in self.callback_handler.callbacks:
+                raise ConfigError(
+                    f"{type(callback).__name__} is bound to this trainer but not in its callback list, so it would "
+                    "hear no micro-chunk event; call trainer.add_callback(callback) so it can also log and save its "
+                    "state"
+                )
         point = find_resume_checkpoint(
             resume_from_checkpoint, self.args.output_dir, announce=self.is_world_process_zero()
         )
@@ -758,13 +638,7 @@ class BatchRampMixin:
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
         dataset = self.train_dataset
-        try:
-            import datasets
-
-            is_hf_dataset = isinstance(dataset, datasets.Dataset)
-        except ImportError:  # pragma: no cover
-            is_hf_dataset = False
-        if is_hf_dataset:
+        if isinstance(dataset, datasets.Dataset):
             dataset = self._remove_unused_columns(dataset, description="training")
             collator = self.data_collator
         else:
@@ -868,16 +742,13 @@ class BatchRampMixin:
         training is not already over.
         """
 
-        def sizes(sampler, steps):
-            return [sampler.samples_before(last) - sampler.samples_before(first) for first, last in steps]
-
         planner = self._ramp_sampler.at_position(0)
         cap = args.max_steps if args.max_steps > 0 else None
         steps_from_start = planner.plan_rows(max_steps=cap)
-        from_start = sizes(planner, steps_from_start)
+        from_start = step_sizes(planner, steps_from_start)
         fingerprint = {
             **self._stream_fingerprint(),
-            "batch_schedule": _describe_schedule(self.batch_schedule),
+            "batch_schedule": describe_schedule(self.batch_schedule),
             "world_size": args.world_size,
             "max_micro_batch_size": self.max_micro_batch_size,
             "batch_size_multiple": self.batch_size_multiple,
@@ -897,11 +768,8 @@ class BatchRampMixin:
             return from_start, steps_from_start[-1][1]
         source = self._resume_source or "the checkpoint"
         taken = expand_batch_sizes(saved["batch_sizes"])
-        changes = plan_differences(saved["plan"], self._plan_fingerprint, PLAN_KEYS)
-        if not changes and not getattr(self.batch_schedule, "online", False) and from_start[: len(taken)] != taken:
-            step = next(i for i, size in enumerate(taken) if i >= len(from_start) or from_start[i] != size)
-            planned = from_start[step] if step < len(from_start) else "no step"
-            changes = [f"step {step + 1}, already taken, had batch size {taken[step]}; this run plans {planned}"]
+        online = getattr(self.batch_schedule, "online", False)
+        changes = resumed_plan_changes(saved["plan"], self._plan_fingerprint, taken, from_start, online=online)
         if changes and not self.allow_schedule_change_on_resume:
             raise ConfigError(
                 f"{source} does not match this run's batch plan ({'; '.join(changes)}): resuming would cut training "
@@ -915,7 +783,7 @@ class BatchRampMixin:
                 "; ".join(changes),
             )
         remaining_steps = self._ramp_sampler.plan_rows(max_steps=None if cap is None else max(cap - len(taken), 0))
-        remaining = sizes(self._ramp_sampler, remaining_steps)
+        remaining = step_sizes(self._ramp_sampler, remaining_steps)
         if not remaining:
             raise ConfigError(
                 f"{source} is at the end of training: its {len(taken)} steps and {self.clock.consumed_samples} "
@@ -934,7 +802,7 @@ class BatchRampMixin:
             os.remove(os.path.join(folder, TRAINER_STATE_FILE))
         save_callback_state(self.state, RAMP_STATE_KEY, self.ramp_state_dict())
         state = self.state
-        state.save_to_json = functools.partial(_save_trainer_state_atomically, state)  # this call only
+        state.save_to_json = functools.partial(save_trainer_state_atomically, state)  # this call only
         try:
             super()._save_checkpoint(model, trial)
         finally:
@@ -977,7 +845,7 @@ class BatchRampMixin:
                 f"lr_policy {self.lr_policy.name!r} counts tokens, but the training batches have no attention_mask "
                 "or input_ids to count them (e.g. image batches); build the policy on unit='samples' or 'fraction'"
             )
-        if num_items_in_batch is not None and self.compute_loss_func is None and not _per_token_labels(inputs):
+        if num_items_in_batch is not None and self.compute_loss_func is None and not per_token_labels(inputs):
             # Items are examples here: per-example weighting (below) is the same normalisation, and it does not rely
             # on the model's forward honouring num_items_in_batch. Image classifiers such as
             # ResNetForImageClassification take **kwargs (so the Trainer passes it) but return a plain chunk mean,
@@ -990,9 +858,12 @@ class BatchRampMixin:
             accumulation = [inputs["input_ids"].shape[1] / chunk["input_ids"].shape[1] for chunk in chunks]
         else:
             accumulation = [step_rows / (batch_len(chunk) * world_size) for chunk in chunks]
-        # (items, loss weight) per chunk for the step hooks; only computed when hooks want it (it reads
+        chunk_listeners = self._chunk_listeners("on_micro_chunk_end")
+        step_listeners = self._chunk_listeners("on_step_batch_end")
+        # (items, loss weight) per chunk for the listeners; only computed when one listens (it reads
         # num_items_in_batch, which syncs with the device)
-        weights = self._chunk_loss_weights(chunks, num_items_in_batch, accumulation) if self._step_hooks else None
+        listening = chunk_listeners or step_listeners
+        weights = self._chunk_loss_weights(chunks, num_items_in_batch, accumulation) if listening else None
         total_loss = None
         for index, chunk in enumerate(chunks):
             self.current_gradient_accumulation_steps = accumulation[index]
@@ -1005,16 +876,14 @@ class BatchRampMixin:
                 loss = super().training_step(model, chunk, num_items_in_batch)
             total_loss = loss if total_loss is None else total_loss + loss
             chunk_samples = count_batch(chunk)[0] if packed else batch_len(chunk)
-            for hook in self._step_hooks:
-                if hasattr(hook, "on_micro_chunk_end"):
-                    hook.on_micro_chunk_end(self, index, len(chunks), chunk_samples)
+            for callback in chunk_listeners:
+                callback.on_micro_chunk_end(self, index, len(chunks), chunk_samples)
         self.clock.advance(samples=step_samples, tokens=step_tokens)
         self.ramp_position = drawn.consumed_rows if drawn is not None else self.ramp_position + step_rows
         self.last_step_rows = step_rows
         self.last_batch_size, self.last_micro_chunks = step_samples, len(chunks)
-        for hook in self._step_hooks:
-            if hasattr(hook, "on_step_batch_end"):
-                hook.on_step_batch_end(self, step_samples)
+        for callback in step_listeners:
+            callback.on_step_batch_end(self, step_samples)
         return total_loss
 
     def _count_step(self, inputs: dict, drawn: DrawnStep | None, local_rows: int) -> tuple[int, int, int]:
@@ -1178,81 +1047,37 @@ class BatchRampMixin:
         )
 
     def accumulated_grad_sq_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
-        """Squared norm of the gradient accumulated so far in this step, as the engine holds it (float64 scalar).
-
-        One process / DDP: this rank's ``.grad`` (in place, no copy). ZeRO-3: the reduced (mean over ranks)
-        gradient's local partitions (``safe_get_local_grad``) summed over ranks (one scalar all-reduce).
-        FSDP2: the reduced, sharded ``.grad`` (local shards summed over ranks). With a sharded engine every rank
-        must call it. Under ZeRO read it before the last chunk (the engine steps and clears in the last backward):
-        use :meth:`step_grad_sq_norm` after it.
-        """
-        from .probes.noise_scale import grad_sq_norm
-
-        engine = self.sharding_engine
-        if engine in ("zero0", "zero1", "zero2"):
-            raise ConfigError(
-                f"{engine} keeps a micro-chunk's gradient in internal buffers until the accumulation boundary; the "
-                "accumulated gradient can be read under ZeRO-3, FSDP2 and DDP"
-            )
-        if engine in (None, "fsdp1"):
-            return grad_sq_norm(params)
-        if engine == "zero3":
-            from deepspeed.utils import safe_get_local_grad
-
-            total = _sq_norm([safe_get_local_grad(p) for p in params])
-        else:
-            total = _sq_norm([p.grad.to_local() if p.grad is not None else None for p in params])
-        torch.distributed.all_reduce(total)
-        return total
+        """Squared norm of the gradient accumulated so far in this step, as this trainer's engine holds it
+        (``hf_batchsched.sharded_grads.accumulated_grad_sq_norm``). With a sharded engine every rank must call it."""
+        return accumulated_grad_sq_norm(self.sharding_engine, params)
 
     def step_grad_sq_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
-        """Squared norm of the whole step's reduced gradient, read after the last chunk's backward: under DeepSpeed
-        the engine's own pre-clipping norm (``engine.get_global_grad_norm()``), else
-        :meth:`accumulated_grad_sq_norm`."""
-        if self.is_deepspeed_enabled:
-            norm = self.accelerator.deepspeed_engine_wrapped.engine.get_global_grad_norm()
-            if norm is None:
-                return torch.tensor(float("nan"), dtype=torch.float64)
-            return torch.as_tensor(norm, dtype=torch.float64).reshape(()) ** 2
-        return self.accumulated_grad_sq_norm(params)
+        """Squared norm of the whole step's reduced gradient, read after the last chunk's backward
+        (``hf_batchsched.sharded_grads.step_grad_sq_norm``)."""
+        engine = self.accelerator.deepspeed_engine_wrapped.engine if self.is_deepspeed_enabled else None
+        return step_grad_sq_norm(self.sharding_engine, params, deepspeed_engine=engine)
 
     def _chunk_loss_weights(self, chunks: list[dict], num_items_in_batch, accumulation: list[float]) -> list[tuple]:
-        """``(items, loss weight)`` of each chunk (see "Step hooks" in the module docstring).
-
-        Mirrors how the Trainer's ``training_step``/``compute_loss`` use ``num_items_in_batch``: a loss normalised
-        by it is ``sum(chunk) / N_step``, times the number of processes with ``average_tokens_across_devices`` (then
-        ``N_step`` is global); a per-example loss is the chunk mean divided by ``current_gradient_accumulation_steps``.
-        DDP then averages ranks.
-        """
-        world_size = self.accelerator.num_processes
+        """``(items, loss weight)`` of each chunk (``hf_batchsched.loss_weights``), from the Trainer's settings."""
         token_normalised = num_items_in_batch is not None and (
             self.model_accepts_loss_kwargs or self.compute_loss_func is not None
         )
         scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)  # a Trainer attribute since transformers 5.19
         if scaled_for_ga is None:
             scaled_for_ga = token_normalised or self.compute_loss_func is not None
-        if token_normalised:
-            step_items = float(
-                num_items_in_batch.reshape(-1)[0] if torch.is_tensor(num_items_in_batch) else num_items_in_batch
-            )
-            items_scale = 1
-            if self.args.average_tokens_across_devices:
-                items_scale = world_size // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
-        weights = []
-        for chunk, chunk_accumulation in zip(chunks, accumulation):
-            samples = batch_len(chunk)
-            if token_normalised:  # label tokens counted like Trainer._get_num_items_in_batch, on the trimmed chunk
-                labels = chunk.get("shift_labels")
-                if labels is None:
-                    labels = chunk["labels"][..., 1:] if self._loss_shifts_labels else chunk["labels"]
-                items = int(labels.ne(-100).sum())
-                weight = items_scale * items / step_items
-            else:
-                items, weight = samples, 1.0
-            if not scaled_for_ga:
-                weight /= chunk_accumulation
-            weights.append((items, weight))
-        return weights
+        items_scale = 1
+        if token_normalised and self.args.average_tokens_across_devices:
+            world_size = self.accelerator.num_processes
+            items_scale = world_size // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+        return chunk_loss_weights(
+            chunks,
+            num_items_in_batch,
+            accumulation,
+            token_normalised=token_normalised,
+            scaled_for_ga=scaled_for_ga,
+            items_scale=items_scale,
+            labels_shifted=self._loss_shifts_labels,
+        )
 
     # ---- logging -------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -14,6 +14,7 @@ from transformers import PrinterCallback, Trainer
 
 import hf_batchsched
 from hf_batchsched.assets import digits_image_dataset, synthetic_lm_dataset, tiny_llama, tiny_resnet
+from hf_batchsched.callback_binding import bind_callbacks
 from hf_batchsched.callbacks import (
     BNRecalibrationCallback,
     FreezeBNCallback,
@@ -25,7 +26,7 @@ from hf_batchsched.callbacks import (
     StabilityMonitorCallback,
 )
 from hf_batchsched.errors import ConfigError
-from hf_batchsched.trainer import BatchRampTrainer, bind_callbacks
+from hf_batchsched.trainer import BatchRampTrainer
 
 MAX_STEPS = 4
 

@@ -2,7 +2,7 @@
 
 In transformers 5.x ``Trainer.log`` fires ``on_log``, and ``CallbackHandler.on_log`` sets ``control.should_log =
 False``. A callback that calls ``trainer.log`` from ``on_step_end`` (or ``on_epoch_end``) on a logging step runs
-before the Trainer's ``_maybe_log_save_evaluate`` and, without ``hf_batchsched.callbacks._logging.log_metrics``,
+before the Trainer's ``_maybe_log_save_evaluate`` and, without ``hf_batchsched.trainer.log_metrics``,
 silently cancels the Trainer's ``loss``/``grad_norm``/``learning_rate`` entry for that step. Each case below trains
 a tiny model for 4 steps with ``logging_steps=1`` and the callback logging on (some of) those same steps.
 """
@@ -28,8 +28,7 @@ from hf_batchsched.callbacks import (
     SpikeGuardCallback,
     StabilityMonitorCallback,
 )
-from hf_batchsched.callbacks._logging import log_metrics
-from hf_batchsched.trainer import BatchRampTrainer
+from hf_batchsched.trainer import BatchRampTrainer, log_metrics
 
 MAX_STEPS = 4
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -204,4 +203,4 @@ def test_which_events_swallow_the_trainer_log(tmp_path, event, strategy, helper)
     if helper:
         assert loss_steps == expected
     else:
-        assert loss_steps == [], "transformers no longer swallows the log: revisit callbacks/_logging.py"
+        assert loss_steps == [], "transformers no longer swallows the log: revisit trainer.log_metrics"

@@ -123,7 +123,7 @@ def arm_crash(monkeypatch, phase: str, step: int) -> tuple[dict, type]:
     elif phase == "after_optimizer":  # model, optimizer and scheduler written; RNG and trainer state not
         wrap(BatchRampTrainer, "_save_rng_state")
     elif phase == "before_state":  # every file but trainer_state.json (which holds our state)
-        wrap(hf_batchsched.trainer, "write_text_atomically")
+        wrap(hf_batchsched.checkpoint, "write_text_atomically")
     elif phase == "state_not_renamed":  # trainer_state.json.tmp fully written, the rename not done
         wrap(hf_batchsched.checkpoint.os, "replace", when=lambda source, target: target.endswith("trainer_state.json"))
     elif phase == "after_state":  # the checkpoint is complete; old ones are not rotated yet

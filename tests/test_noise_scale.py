@@ -10,7 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 from helpers import tiny_training_args
-from transformers import PrinterCallback, Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from hf_batchsched.assets import synthetic_lm_dataset, tiny_llama
 from hf_batchsched.callbacks.noise_scale import NoiseScaleCallback
@@ -358,7 +358,7 @@ def test_single_chunk_steps_are_skipped(tmp_path, regression):
 
 
 def test_split_batch_slices_sample_tensors_and_refuses_what_has_none():
-    """One splitter for the package (``probes._utils.split_batch``, also used by BN recalibration): tensors whose
+    """One splitter for the package (``batching.split_batch``, also used by BN recalibration): tensors whose
     first dimension is the sample count are sliced, other values go to every chunk, container types are kept."""
     from hf_batchsched.batching import split_batch
 
@@ -425,13 +425,13 @@ def run_token_normalised(output_dir: str, **args_overrides) -> dict:
 
     model.register_forward_pre_hook(record_chunk, with_kwargs=True)
 
-    class Chunk1Probe:  # registered first: runs before the callback's hook
+    class Chunk1Probe(TrainerCallback):  # added first: hears each event before the callback
         def on_micro_chunk_end(self, trainer, chunk_index, num_chunks, chunk_num_samples):
             if chunk_index == 0:
                 sq = float(grad_sq_norm(p for p in trainer.model.parameters() if p.requires_grad))
                 chunk1.append([sq, trainer.current_chunk_loss_weight, trainer.current_chunk_num_items])
 
-    trainer.add_step_hook(Chunk1Probe())
+    trainer.add_callback(Chunk1Probe())
     callback = NoiseScaleCallback(trainer, beta=0.5)
     trainer.add_callback(callback)
     recorded = []
@@ -514,7 +514,6 @@ def test_noise_scale_callback_skips_a_zero_reduced_chunk_weight():
         model=torch.nn.Module(),
         accumulated_grad_sq_norm=lambda params: torch.tensor(25.0),
         step_grad_sq_norm=lambda params: torch.tensor(25.0),
-        add_step_hook=lambda hook: None,
         log=lambda logs: None,
     )
     trainer.args.fp16 = False

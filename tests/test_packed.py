@@ -19,7 +19,7 @@ from test_trainer_ramp import (
     ramp,
     train_losses,
 )
-from transformers import DataCollatorWithFlattening, PrinterCallback
+from transformers import DataCollatorWithFlattening, PrinterCallback, TrainerCallback
 
 from hf_batchsched.assets import tiny_llama
 from hf_batchsched.batching import count_batch, packed_sequence_starts, split_micro_chunks
@@ -125,8 +125,8 @@ def flattening_trainer(tmp_path, collator=None, **kwargs) -> BatchRampTrainer:
     return trainer
 
 
-class ChunkShapes:
-    """Step hook: the sequences of every micro-chunk."""
+class ChunkShapes(TrainerCallback):
+    """Micro-chunk listener: the sequences of every micro-chunk."""
 
     def __init__(self):
         self.chunks: list[tuple[int, int]] = []
@@ -143,7 +143,7 @@ def test_padding_free_counts_sequences_and_trains_like_padded_batches(tmp_path):
     lr_policy = {"name": "warmup", "unit": "samples", "warmup": 16, "policy": "constant"}
     flat = flattening_trainer(tmp_path / "flat", batch_schedule=ramp, max_micro_batch_size=2, lr_policy=lr_policy,
                               arg_overrides={"num_train_epochs": 2})  # fmt: skip
-    flat.add_step_hook(shapes := ChunkShapes())
+    flat.add_callback(shapes := ChunkShapes())
     flat.train()
     padded = flattening_trainer(
         tmp_path / "padded",
@@ -233,7 +233,7 @@ def test_trl_packing_counts_sequences(tmp_path):
     trainer.data_collator = lambda features: (
         drawn.append([len(f["seq_lengths"]) for f in features]) or collate(features)
     )
-    trainer.add_step_hook(shapes := ChunkShapes())
+    trainer.add_callback(shapes := ChunkShapes())
     trainer.train()
     packed = trainer.train_dataset
     per_row = [len(lengths) for lengths in packed["seq_lengths"]]

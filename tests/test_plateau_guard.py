@@ -12,9 +12,10 @@ from helpers import tiny_training_args
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from hf_batchsched.assets import synthetic_lm_dataset, tiny_llama
-from hf_batchsched.callbacks.plateau import PlateauCallback, PlateauTracker, scale_learning_rates
+from hf_batchsched.callbacks.plateau import PlateauCallback
 from hf_batchsched.callbacks.spike_guard import SpikeDetector, SpikeGuardCallback, gradient_norm
 from hf_batchsched.errors import ConfigError
+from hf_batchsched.lr_cuts import PlateauTracker, scale_learning_rates
 from hf_batchsched.trainer import BatchRampTrainer
 
 

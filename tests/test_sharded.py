@@ -15,8 +15,8 @@ from test_trainer_ramp import RecordingCollator, indexed_dataset, make_trainer, 
 
 from hf_batchsched.assets import tiny_llama
 from hf_batchsched.errors import ConfigError
+from hf_batchsched.launch import FSDP_ON_CPU_ENV
 from hf_batchsched.probes.sharpness import estimate_sharpness
-from hf_batchsched.trainer import FSDP_ON_CPU_ENV
 
 HERE = os.path.dirname(__file__)
 

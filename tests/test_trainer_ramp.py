@@ -221,8 +221,8 @@ def test_token_clocked_schedule_and_config_string(tmp_path):
     assert from_string.batch_schedule(16) == 16
 
 
-def test_metrics_and_step_hooks(tmp_path):
-    class Recorder:
+def test_metrics_and_micro_chunk_events(tmp_path):
+    class Recorder(TrainerCallback):
         def __init__(self):
             self.chunks, self.steps = [], []
 
@@ -235,15 +235,13 @@ def test_metrics_and_step_hooks(tmp_path):
 
     trainer = make_trainer(tmp_path, batch_schedule=ramp, max_micro_batch_size=4)
     recorder = Recorder()
-    trainer.add_step_hook(recorder)
+    trainer.add_callback(recorder)
     trainer.train()
     assert recorder.steps == [4, 4, 8, 8, 8]  # the last step is cut at the end of the single pass
     assert recorder.chunks[:4] == [(0, 1, 4, True), (0, 1, 4, True), (0, 2, 4, True), (1, 2, 4, True)]
     last = trainer.state.log_history[-2]
     assert last["batchsched/batch_size"] == 8 and last["batchsched/micro_chunks"] == 2
     assert last["batchsched/sgd_noise"] == pytest.approx(sgd_noise(last["learning_rate"], 32, 8, momentum=0.9))
-    with pytest.raises(ConfigError, match="neither"):
-        trainer.add_step_hook(object())
 
 
 def test_epoch_strategies_fire_at_pass_boundaries(tmp_path):
@@ -445,8 +443,9 @@ def test_per_sample_normalisation_k_chunks_equal_one_chunk(tmp_path):
 
 
 # ---- other modalities --------------------------------------------------------------------------------------------
-class StepGradients:
-    """Step hook: a copy of every gradient at the end of each step batch (after the last chunk's backward)."""
+class StepGradients(TrainerCallback):
+    """Micro-chunk event listener: a copy of every gradient at the end of each step batch (after the last chunk's
+    backward)."""
 
     def __init__(self):
         self.steps: list[dict[str, torch.Tensor]] = []
@@ -488,7 +487,7 @@ def test_image_batches_k_chunks_equal_one_chunk(tmp_path):
     runs = {}
     for micro in (16, 4):
         trainer = image_ramp_trainer(tmp_path / str(micro), micro, batch_size_multiple=4)
-        trainer.add_step_hook(grads := StepGradients())
+        trainer.add_callback(grads := StepGradients())
         trainer.train()
         runs[micro] = (trainer, grads)
     (one, one_grads), (many, many_grads) = runs[16], runs[4]

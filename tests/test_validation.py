@@ -7,12 +7,13 @@ import math
 import pytest
 from test_trainer_ramp import make_args, make_trainer
 
-from hf_batchsched.callbacks.plateau import PlateauTracker
 from hf_batchsched.callbacks.sharpness import SharpnessProbeCallback
 from hf_batchsched.data import RampBatchSampler
 from hf_batchsched.errors import ConfigError, check_positive
+from hf_batchsched.launch import check_distributed_launch
+from hf_batchsched.lr_cuts import PlateauTracker
 from hf_batchsched.recipe import parse_config
-from hf_batchsched.trainer import BatchRampTrainer, check_distributed_launch
+from hf_batchsched.trainer import BatchRampTrainer
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, "1", True])

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from hf_batchsched.callbacks._binding import TrainerBoundCallback
-from hf_batchsched.callbacks._logging import log_metrics
+from hf_batchsched.callback_binding import TrainerBoundCallback
 from hf_batchsched.errors import ConfigError, check_positive
 from hf_batchsched.model_utils import batchnorm_modules
+from hf_batchsched.trainer import log_metrics
 from hf_batchsched.transforms import freeze_bn, is_bn_frozen, recalibrate_bn, unfreeze_bn
 
 __all__ = ["BNRecalibrationCallback", "FreezeBNCallback"]

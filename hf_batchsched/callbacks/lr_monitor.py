@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from ._binding import TrainerBoundCallback
-from ._logging import log_metrics
+from ..callback_binding import TrainerBoundCallback
+from ..trainer import log_metrics
 
 __all__ = ["LRMonitorCallback", "param_group_lrs"]
 

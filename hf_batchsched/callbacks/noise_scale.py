@@ -1,7 +1,8 @@
 """``NoiseScaleCallback``: McCandlish et al.'s gradient noise scale, measured for free inside chunked steps.
 
 ``BatchRampTrainer`` runs every optimizer step as micro-chunks of at most ``max_micro_batch_size`` samples per rank.
-The callback registers a step hook (``trainer.add_step_hook``) and, on measured steps:
+The trainer calls the callback's micro-chunk events (``on_micro_chunk_end``/``on_step_batch_end``, see
+``hf_batchsched.trainer``) and, on measured steps:
 
 - after the **first** chunk's backward, reads ``|g|²`` of the gradients (still this rank's chunk-1 gradient: only
   the last chunk synchronises under DDP), in place, no copy; divided by the square of that chunk's loss weight
@@ -62,12 +63,11 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ..callback_binding import TrainerBoundCallback, load_callback_state, save_callback_state
 from ..errors import ConfigError, check_positive
 from ..probes.noise_scale import GradientNoiseScale, grad_sq_norm
 from ..schedules.adaptive import AdaptiveBatchSchedule
-from ._binding import TrainerBoundCallback
-from ._logging import log_metrics
-from ._state import load_callback_state, save_callback_state
+from ..trainer import log_metrics
 
 __all__ = ["NoiseScaleCallback"]
 
@@ -107,8 +107,9 @@ class NoiseScaleCallback(TrainerBoundCallback, TrainerCallback):
 
     Args:
         trainer (`BatchRampTrainer`, *optional*): the trainer (any ``Trainer`` with ``BatchRampMixin``); the callback
-            registers its step hook on it. Without it, the trainer binds the callback when it is in its
-            ``callbacks=[...]`` or given to ``add_callback`` (class or instance).
+            is bound to it (add it to the trainer's callbacks too: the micro-chunk events go to that list). Without it,
+            the trainer binds the callback when it is in its ``callbacks=[...]`` or given to ``add_callback`` (class or
+            instance).
         beta (`float`, *optional*): EMA decay of the estimator. Defaults to `0.99`, or to the adaptive schedule's
             estimator when the trainer's ``batch_schedule`` is an ``AdaptiveBatchSchedule`` (which owns it; a
             different ``beta`` then raises).
@@ -149,7 +150,7 @@ class NoiseScaleCallback(TrainerBoundCallback, TrainerCallback):
             self.bind(trainer)
 
     def _bind(self, trainer: Any) -> None:
-        if not hasattr(trainer, "add_step_hook"):
+        if not hasattr(trainer, "accumulated_grad_sq_norm"):  # BatchRampMixin's chunked step
             raise ConfigError(
                 f"NoiseScaleCallback needs a BatchRampTrainer (or a Trainer with BatchRampMixin), got "
                 f"{type(trainer).__name__}: it measures the gradient of one micro-chunk inside each step"
@@ -176,7 +177,6 @@ class NoiseScaleCallback(TrainerBoundCallback, TrainerCallback):
         else:
             self.estimator = GradientNoiseScale(beta=0.99 if beta is None else beta)
         self._check_two_chunks_possible()
-        trainer.add_step_hook(self)
 
     def _check_two_chunks_possible(self) -> None:
         trainer = self.trainer
@@ -224,7 +224,7 @@ class NoiseScaleCallback(TrainerBoundCallback, TrainerCallback):
     def _save(self, state) -> None:
         save_callback_state(state, self.STATE_KEY, self.state_dict())
 
-    # ---- step hooks (every rank) ----------------------------------------------------------------
+    # ---- micro-chunk events (every rank) ----------------------------------------------------------------
     @property
     def step(self) -> int:
         """The optimizer step being run (completed steps so far)."""
@@ -242,7 +242,7 @@ class NoiseScaleCallback(TrainerBoundCallback, TrainerCallback):
     def on_micro_chunk_end(self, trainer, chunk_index: int, num_chunks: int, chunk_num_samples: int) -> None:
         if not self._attached:
             raise ConfigError(
-                "NoiseScaleCallback registered its step hook but was not added as a callback; call "
+                "NoiseScaleCallback hears the micro-chunk events but was not added as a callback; call "
                 "trainer.add_callback(callback) so it can log and save its state"
             )
         if chunk_index == 0 and num_chunks > 1 and self._measuring():

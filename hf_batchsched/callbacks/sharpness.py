@@ -13,12 +13,11 @@ from collections.abc import Sequence
 import torch
 from transformers import TrainerCallback
 
+from ..callback_binding import TrainerBoundCallback, load_callback_state, save_callback_state
 from ..errors import ConfigError, check_positive
 from ..model_utils import to_device, world_size_and_rank
 from ..probes.sharpness import estimate_sharpness, validate_sharpness_options
-from ._binding import TrainerBoundCallback
-from ._logging import log_metrics
-from ._state import load_callback_state, save_callback_state
+from ..trainer import full_parameters, log_metrics
 
 __all__ = ["SharpnessProbeCallback"]
 
@@ -266,8 +265,6 @@ class SharpnessProbeCallback(TrainerBoundCallback, TrainerCallback):
             optimizer = self.trainer.optimizer
             if optimizer is not None and "lr" not in options:
                 options["optimizer"] = getattr(optimizer, "optimizer", optimizer)
-        from ..trainer import full_parameters  # (hf_batchsched.trainer imports the callbacks package)
-
         with full_parameters(self.trainer) as model:  # ZeRO-3 gathers, FSDP2 unshards; other set-ups: as is
             results = estimate_sharpness(model, self.probe_batches(), self.metrics, seed=self.seed, **options)
         self.last_probe_seconds = time.perf_counter() - start

@@ -18,7 +18,7 @@ Trainer's ``logging_nan_inf_filter`` replaces a NaN/Inf one by the mean of earli
 seen as such with the filter on (the default) and under DDP (losses averaged over ranks: one NaN rank makes the mean
 NaN). The gradient norm is the one the Trainer computes *before* clipping to ``max_grad_norm`` (the value it logs
 as ``grad_norm``): clipped norms of healthy steps are all equal to ``max_grad_norm`` and would hide every spike. Both
-come from :class:`hf_batchsched.trainer.StepWatch`, which wraps ``trainer.training_step`` and
+come from :class:`hf_batchsched.step_watch.StepWatch`, which wraps ``trainer.training_step`` and
 ``trainer.accelerator.clip_grad_norm_`` on this trainer instance from ``on_train_begin`` to ``on_train_end``
 (callback events carry neither value). A Trainer that clips by another path (mixed device meshes) leaves no
 pre-clipping norm; the guard then tests the norm of the (clipped) gradients and says so once in the log. Under DDP
@@ -53,15 +53,15 @@ import math
 import torch
 from transformers import TrainerCallback
 
+from ..callback_binding import TrainerBoundCallback, load_callback_state, save_callback_state
 from ..errors import ConfigError, check_choice
+from ..lr_cuts import check_scheduler_honours_scale, cut_learning_rates
 from ..probes.noise_scale import grad_sq_norm
 from ..probes.spikes import SpikeDetector
-from ._binding import TrainerBoundCallback
-from ._logging import log_metrics
-from ._state import load_callback_state, save_callback_state
-from .plateau import _check_scheduler_honours_scale, _cut_learning_rates
+from ..step_watch import StepWatch
+from ..trainer import log_metrics
 
-__all__ = ["ACTIONS", "LossSpikeGuard", "SpikeDetector", "SpikeGuardCallback", "gradient_norm", "skip_update"]
+__all__ = ["ACTIONS", "SpikeDetector", "SpikeGuardCallback", "gradient_norm", "skip_update"]
 
 ACTIONS = ("skip", "cut_lr", "skip_and_cut")
 
@@ -177,7 +177,6 @@ class SpikeGuardCallback(TrainerBoundCallback, TrainerCallback):
 
     # ---- events ---------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
-        from ..trainer import StepWatch  # trainer.py imports this package
 
         super().on_train_begin(args, state, control, **kwargs)
         if getattr(self.trainer, "is_deepspeed_enabled", False):
@@ -190,7 +189,7 @@ class SpikeGuardCallback(TrainerBoundCallback, TrainerCallback):
         if saved is not None:
             self.load_state_dict(saved)
         if self.action != "skip":
-            _check_scheduler_honours_scale(self.trainer.lr_scheduler)
+            check_scheduler_honours_scale(self.trainer.lr_scheduler)
         self._remove_watch()  # a train() that raised did not reach on_train_end
         self._watch = StepWatch(self.trainer)
         save_callback_state(state, self.STATE_KEY, self.state_dict())
@@ -268,7 +267,7 @@ class SpikeGuardCallback(TrainerBoundCallback, TrainerCallback):
         if nonfinite:
             self.nonfinite_steps += 1
         if cut:
-            new_scale = _cut_learning_rates(
+            new_scale = cut_learning_rates(
                 trainer.optimizer, trainer.lr_scheduler, self.scale, self.lr_factor, self.min_lr_ratio
             )
             if new_scale < self.scale:
@@ -309,7 +308,3 @@ class SpikeGuardCallback(TrainerBoundCallback, TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:  # the Trainer's training log (not ours, not evaluation)
             log_metrics(self.trainer, self._logs())
-
-
-#: OLMo-core's name for the same idea.
-LossSpikeGuard = SpikeGuardCallback

@@ -30,13 +30,12 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from hf_batchsched.callbacks._binding import TrainerBoundCallback
-from hf_batchsched.callbacks._logging import log_metrics
-from hf_batchsched.callbacks._state import load_callback_state, save_callback_state
+from hf_batchsched.callback_binding import TrainerBoundCallback, load_callback_state, save_callback_state
 from hf_batchsched.errors import ConfigError, check_positive
 from hf_batchsched.model_utils import batchnorm_modules, is_distributed, model_device
 from hf_batchsched.probes.spikes import LossSpikeDetector
 from hf_batchsched.probes.stability import ActivationRecorder, block_grad_norms, bn_profile, find_blocks
+from hf_batchsched.trainer import log_metrics
 
 __all__ = ["StabilityMonitorCallback"]
 

@@ -1,4 +1,10 @@
-"""How a callback finds its trainer: given at construction, or bound later by :func:`bind_callbacks`.
+"""How an ``hf_batchsched`` callback attaches to a trainer and keeps its state in the trainer's checkpoints.
+
+A leaf (imports only ``errors``), so that ``trainer.py`` and every callback can use it without an import cycle.
+
+Binding
+-------
+How a callback finds its trainer: given at construction, or bound later by :func:`bind_callbacks`.
 
 Hugging Face users pass callbacks as ``Trainer(..., callbacks=[SharpnessProbeCallback()])`` (an instance, or the
 class, which the ``CallbackHandler`` instantiates without arguments) or ``trainer.add_callback(...)``; neither form
@@ -12,15 +18,27 @@ trainer (its model, datasets, evaluation settings) is checked when it is bound:
   and each callback given to ``add_callback`` afterwards;
 - a plain ``Trainer``: ``bind_callbacks(trainer)`` after creating it. A callback still unbound at ``train()`` stops it
   at ``on_train_begin`` with a one-line ``ConfigError`` saying this.
+
+Checkpoint state
+----------------
+Callback state that travels with Trainer checkpoints: one place for every stateful ``hf_batchsched`` callback.
+
+A callback stores a JSON-ready dict (its ``state_dict()``) in ``TrainerState.stateful_callbacks[key]`` whenever it
+changes (at the latest in ``on_step_end``, which runs before the Trainer saves a checkpoint), and reads it back in
+``on_train_begin``: on ``train(resume_from_checkpoint=...)`` the Trainer has loaded ``trainer_state.json`` by then.
+
+``key`` is ``"hf_batchsched.<ClassName>"``, never a bare class name, so the Trainer's own
+``restore_callback_states_from_checkpoint`` (which would rebuild callbacks without their ``trainer`` argument)
+leaves it alone; the callbacks therefore work with that option on or off.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
-__all__ = ["TrainerBoundCallback", "bind_callbacks"]
+__all__ = ["TrainerBoundCallback", "bind_callbacks", "load_callback_state", "save_callback_state"]
 
 
 class TrainerBoundCallback:
@@ -62,6 +80,9 @@ class TrainerBoundCallback:
         except BaseException:
             self._trainer = None
             raise
+        note = getattr(trainer, "note_bound_callback", None)  # BatchRampMixin: refuses at train() one never added
+        if callable(note):
+            note(self)
         return self
 
     def _bind(self, trainer: Any) -> None:
@@ -84,3 +105,24 @@ def bind_callbacks(trainer: Any) -> Any:
         if isinstance(callback, TrainerBoundCallback):
             callback.bind(trainer)
     return trainer
+
+
+def save_callback_state(state: Any, key: str, value: dict) -> None:
+    """Store ``value`` (JSON-ready) in ``TrainerState.stateful_callbacks[key]``: it is written to every
+    checkpoint's ``trainer_state.json`` and read back on ``train(resume_from_checkpoint=...)``.
+
+    >>> from transformers import TrainerState
+    >>> state = TrainerState()
+    >>> save_callback_state(state, "hf_batchsched.Demo", {"n": 1})
+    >>> load_callback_state(state, "hf_batchsched.Demo"), load_callback_state(state, "hf_batchsched.Other")
+    ({'n': 1}, None)
+    """
+    if state.stateful_callbacks is None:
+        state.stateful_callbacks = {}
+    state.stateful_callbacks[key] = value
+
+
+def load_callback_state(state: Any, key: str) -> dict | None:
+    """The value stored by :func:`save_callback_state` in the (possibly resumed) ``TrainerState``, or ``None``."""
+    stored = state.stateful_callbacks
+    return stored.get(key) if isinstance(stored, dict) else None
