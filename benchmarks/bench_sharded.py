@@ -120,23 +120,9 @@ class GradientBytes(TrainerCallback):
     def on_micro_chunk_end(self, trainer, chunk_index, num_chunks, chunk_num_samples):
         if chunk_index or self.bytes is not None:
             return
-        from torch.distributed.fsdp import FSDPModule
+        from hf_batchsched.trainer import fsdp_gradient_bytes
 
-        total = 0
-        for module in trainer.model.modules():
-            if isinstance(module, FSDPModule):
-                group = module._get_fsdp_state()._fsdp_param_group
-                for fsdp_param in group.fsdp_params if group is not None else []:
-                    unsharded = getattr(fsdp_param, "_unsharded_param", None)
-                    if unsharded is not None and unsharded.grad is not None:
-                        total += unsharded.grad.numel() * unsharded.grad.element_size()
-                    accumulated = getattr(fsdp_param, "unsharded_accumulated_grad", None)
-                    if accumulated is not None:
-                        total += accumulated.numel() * accumulated.element_size()
-        for p in trainer.model.parameters():
-            if p.grad is not None:
-                local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                total += local.numel() * local.element_size()
+        total = fsdp_gradient_bytes(trainer.model)
         self.bytes = total
 
 

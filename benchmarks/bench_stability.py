@@ -75,9 +75,9 @@ def train_once(case: str, steps: int, monitor: bool) -> tuple[float, float]:
             callback = StabilityMonitorCallback(trainer)  # defaults: every_n_steps=25
             for event in ("on_train_begin", "on_step_begin", "on_pre_optimizer_step", "on_step_end", "on_train_end"):
                 setattr(callback, event, stopwatch.wrap(getattr(callback, event)))
-            callback._record_loss = stopwatch.wrap(callback._record_loss)  # the per-step loss hook
-            make_hook = callback.recorder._make_hook  # the sampled-step activation hooks
-            callback.recorder._make_hook = lambda index: stopwatch.wrap(make_hook(index))
+            callback.record_loss = stopwatch.wrap(callback.record_loss)  # the per-step loss hook
+            make_hook = callback.recorder.make_hook  # the sampled-step activation hooks
+            callback.recorder.make_hook = lambda index: stopwatch.wrap(make_hook(index))
             trainer.add_callback(callback)
         output = trainer.train()
         return output.metrics["train_runtime"], stopwatch.seconds

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in _available_commands().items():
         sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
-        sub.set_defaults(_run=module.run, _passes_unknown=getattr(module, "PASSES_UNKNOWN_ARGS", False))
+        sub.set_defaults(run_command=module.run, passes_unknown=getattr(module, "PASSES_UNKNOWN_ARGS", False))
     return parser
 
 
@@ -83,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # A command with PASSES_UNKNOWN_ARGS = True (e.g. finetune: config overrides) gets the unknown args as args.extra.
     args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "_passes_unknown", False):
+    if extra and not getattr(args, "passes_unknown", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
     try:
-        return int(args._run(args) or 0)
+        return int(args.run_command(args) or 0)
     except (ValueError, FileNotFoundError, KeyError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"hf-batchsched {args.command}: error: {message}", file=sys.stderr)

@@ -162,6 +162,30 @@ logger = logging.getLogger(__name__)
 
 
 # ---- helpers for the callbacks: the Trainer's and torch's internals they need, in one place ---------------------
+def fsdp_gradient_bytes(model: torch.nn.Module) -> int:
+    """Bytes of gradient this rank holds now: the local shards of the parameters' ``.grad`` plus, under FSDP2, the
+    unsharded gradients and accumulated gradients that FSDP keeps in its own (private) parameter state between a
+    backward and the reduce-scatter. The sharded-engine benchmark reads it after a micro-chunk."""
+    from torch.distributed.fsdp import FSDPModule
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group
+            for fsdp_param in group.fsdp_params if group is not None else []:
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                if unsharded is not None and unsharded.grad is not None:
+                    total += unsharded.grad.numel() * unsharded.grad.element_size()
+                accumulated = getattr(fsdp_param, "unsharded_accumulated_grad", None)
+                if accumulated is not None:
+                    total += accumulated.numel() * accumulated.element_size()
+    for p in model.parameters():
+        if p.grad is not None:
+            local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            total += local.numel() * local.element_size()
+    return total
+
+
 def set_scheduler_lrs(scheduler, lrs) -> None:
     """Tell a torch LR scheduler that its last LRs are ``lrs`` (what ``get_last_lr()`` returns), after a callback set
     the optimizer's group LRs itself (an LR cut, a policy switch). torch keeps them in the private ``_last_lr``; a

@@ -172,7 +172,8 @@ class StabilityMonitorCallback(TrainerBoundCallback, TrainerCallback):
     def _sampled(self, step: int) -> bool:
         return step > 0 and step % self.every_n_steps == 0
 
-    def _record_loss(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def record_loss(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """The model's forward hook (installed in ``on_train_begin``): records each training forward's loss."""
         if not (module.training and torch.is_grad_enabled()):  # skip evaluation and no-grad probes
             return
         loss = _loss_of(output)
@@ -228,7 +229,7 @@ class StabilityMonitorCallback(TrainerBoundCallback, TrainerCallback):
         if saved is not None:
             self.load_state_dict(saved)
         if self._loss_handle is None:
-            self._loss_handle = self.trainer.model.register_forward_hook(self._record_loss, with_kwargs=True)
+            self._loss_handle = self.trainer.model.register_forward_hook(self.record_loss, with_kwargs=True)
         self._micro_losses, self._pending_steps = [], []
 
     def on_step_begin(self, args, state, control, **kwargs):

@@ -179,7 +179,8 @@ class ActivationRecorder:
         self._handles: list[Any] = []
         self._sums: dict[int, torch.Tensor] = {}
 
-    def _make_hook(self, index: int):
+    def make_hook(self, index: int):
+        """The forward hook of block ``index``: adds its output's statistics to the running sums."""
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             tensor = _first_tensor(output)
             if tensor is None or (self.training_only and not torch.is_grad_enabled()):
@@ -196,7 +197,7 @@ class ActivationRecorder:
         if not self._handles:
             self._sums = {}
             self._handles = [
-                module.register_forward_hook(self._make_hook(i)) for i, (_, module) in enumerate(self.blocks)
+                module.register_forward_hook(self.make_hook(i)) for i, (_, module) in enumerate(self.blocks)
             ]
         return self
 
