@@ -119,38 +119,24 @@ def plot_history(log_history: list[dict], output_dir: str | Path) -> list[str]:
 
     Series missing from ``log_history`` are skipped. Returns the written paths.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .bench.plots import new_figure, panel_row, save_figure, style_axes
 
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     available = [(key, label) for key, label in PLOTTED if _series(log_history, key)[0]]
     paths = []
     x_label = "samples seen" if any("batchsched/samples_seen" in e for e in log_history) else "optimizer step"
     for key, label in available:
         xs, ys = _series(log_history, key)
-        figure, axis = plt.subplots(figsize=(5, 3.2))
+        figure, axis = new_figure(figsize=(5, 3.2))
         axis.plot(xs, ys, marker="." if len(xs) < 40 else None)
-        axis.set(xlabel=x_label, ylabel=label, title=label)
-        axis.grid(alpha=0.3)
-        figure.tight_layout()
-        path = output_dir / f"{key.replace('/', '_')}.png"
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        paths.append(str(path))
+        style_axes(axis, title=label, xlabel=x_label, ylabel=label, legend=False)
+        paths.append(save_figure(figure, output_dir / f"{key.replace('/', '_')}.png", dpi=100))
     if available:
-        figure, axes = plt.subplots(1, len(available), figsize=(3.6 * len(available), 3.2))
-        for axis, (key, label) in zip(list(getattr(axes, "flat", [axes])), available):
+        figure, axes = panel_row(len(available), width=3.6, height=3.2)
+        for axis, (key, label) in zip(axes, available):
             axis.plot(*_series(log_history, key))
-            axis.set(xlabel=x_label, title=label)
-            axis.grid(alpha=0.3)
-        figure.tight_layout()
-        path = output_dir / "overview.png"
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        paths.append(str(path))
+            style_axes(axis, title=label, xlabel=x_label, legend=False)
+        paths.append(save_figure(figure, output_dir / "overview.png", dpi=100))
     return paths
 
 
