@@ -330,7 +330,7 @@ def test_callback_bad_input(tmp_path, regression):
     )
     with pytest.raises(ConfigError, match="every_n_steps must be > 0"):
         NoiseScaleCallback(ok, every_n_steps=0)
-    NoiseScaleCallback(ok)  # registered as a step hook but not added as a callback
+    NoiseScaleCallback(ok)  # bound to the trainer but not added as a callback
     ok.remove_callback(PrinterCallback)
     with pytest.raises(ConfigError, match="trainer.add_callback"):
         ok.train()

@@ -127,7 +127,7 @@ class BatchSchedArguments:
 
     Args:
         batch_schedule (`dict`, `str` or `int`, *optional*): global batch size as a function of consumed samples
-            or tokens (``hf_batchsched.schedules.batch.batch_schedule_from_config``); an int is constant.
+            or tokens (``hf_batchsched.schedules.batch_config.batch_schedule_from_config``); an int is constant.
         max_micro_batch_size (`int`, *optional*): largest chunk per forward/backward per device; defaults to
             ``per_device_train_batch_size``.
         lr_policy (`dict` or `str`, *optional*): an LR policy config (``hf_batchsched.schedules.lr``).
