@@ -63,7 +63,7 @@ def describe_run(
         base_lr (`float`, *optional*, defaults to `1.0`): the optimizer LR that multiplier policies scale.
         tokens_per_sample (`float`, *optional*): for tokens-unit LR policies.
 
-    >>> from hf_batchsched.schedules.batch import PiecewiseBatch, simulate
+    >>> from hf_batchsched.schedules import PiecewiseBatch, simulate
     >>> run = simulate(PiecewiseBatch.parse("0:10 50:20"), 100)
     >>> [(r["samples"], r["batch_size"], r["steps"]) for r in describe_run(None, run, rows=3)]
     [(0, 10, 0), (50, 20, 5), (100, 20, 8)]

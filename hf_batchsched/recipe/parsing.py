@@ -89,7 +89,12 @@ def _field_hints() -> dict[str, typing.Any]:
 
 
 def _takes_list(hint) -> bool:
-    return any(typing.get_origin(arg) is list for arg in (hint, *typing.get_args(hint)))
+    """Whether the parser reads the key as a list (``nargs="+"``): ``list[...]`` or ``Optional[list[...]]``; a union
+    with other types (``report_to: str | list[str] | None``) is read as one word, so its lists are defaults."""
+    if typing.get_origin(hint) is list:
+        return True
+    options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return len(options) == 1 and typing.get_origin(options[0]) is list
 
 
 def _as_words(config: Mapping, hints: dict) -> tuple[list[str], dict]:
