@@ -91,14 +91,15 @@ def test_ramp_resume_probe_and_noise_scale_match_one_process(engine, single, tmp
     # batches, equals one process on all of them at the same weights. Tolerance: the per-batch losses and gradients
     # are the same computation, but the float32 gradient sums over batches run in another order (two ranks, then an
     # all-reduce: ~1e-7 relative), and the finite difference (g(x+hv) - g(x-hv)) / 2h amplifies that by about
-    # |g| / (h |Hv|): ~1e-6 of lambda_max measured; 1e-5 is far below a probe on wrong or partial weights (>1e-2).
+    # |g| / (h |Hv|): 1.5e-5 (ZeRO-3) and 2.2e-5 (ZeRO-2) of lambda_max measured with DeepSpeed 0.19.8, whose ranks
+    # reduce in another order than the single process; 5e-5 is far below a probe on wrong or partial weights (>1e-2).
     model = tiny_llama(seed=0)
     model.load_state_dict(params, strict=False)
     rows = [indexed_dataset(NUM_SAMPLES)[i] for i in range(16)]
     batches = [RecordingCollator()(rows[start : start + 4]) for start in range(0, 16, 4)]
     reference = estimate_sharpness(model, batches, **PROBE)
     for rank in ranks:
-        assert rank["sharpness"]["lambda_max"] == pytest.approx(reference["lambda_max"], rel=1e-5)
+        assert rank["sharpness"]["lambda_max"] == pytest.approx(reference["lambda_max"], rel=5e-5)
         assert rank["sharpness"]["avg"] == pytest.approx(reference["avg"], rel=1e-6, abs=1e-9)
         assert rank["sharpness"]["loss"] == pytest.approx(reference["loss"], rel=1e-7)
 
