@@ -1,83 +1,15 @@
 """Batch-size ramping inside the Hugging Face ``Trainer``: ``BatchRampMixin`` and ``BatchRampTrainer``.
 
-Smith, Kindermans, Ying & Le (ICLR 2018, https://arxiv.org/abs/1711.00489): growing the batch size B plays the
-role of decaying the learning rate, with far fewer optimizer updates. Here B(t) is a pure function of the
-training clock (consumed samples or tokens) and is realised as **accumulation at a fixed micro-batch**:
+The global batch B(t) is a pure function of the training clock (consumed samples or tokens), realised as
+accumulation at a fixed micro-batch: the DataLoader yields one step batch per optimizer step (``RampBatchSampler``),
+``training_step`` runs it in micro-chunks of at most ``max_micro_batch_size`` sequences, and the loss is normalised
+over the whole step batch. Options, behaviour, micro-chunk events and metrics: ``docs/batch-ramp.md``; checkpoints
+and resume: ``docs/checkpoints.md``; engines: ``docs/distributed.md``.
 
-- the train DataLoader yields one *step batch* per optimizer step (this rank's share, ``B(t) / world_size``
-  rows, from ``RampBatchSampler``); the Trainer runs with ``gradient_accumulation_steps=1``;
-- ``training_step`` splits it into micro-chunks of at most ``max_micro_batch_size`` sequences
-  (``hf_batchsched.data.split_micro_chunks``: rows of a padded batch, trimmed of the chunk's padding; a packed,
-  flattened row cut at sequence boundaries), and runs forward/backward per chunk; under DDP only the last chunk
-  synchronises gradients (``accelerator.no_sync``); under DeepSpeed ZeRO the engine's accumulation boundary is the
-  last chunk (``set_train_batch_size`` follows the number of chunks, the engine steps at the boundary); under FSDP2
-  every chunk reduce-scatters (``fsdp_gradient_sync``, see ``BatchRampMixin``);
-- the loss is normalised over the whole step batch: token-level for per-token (integer, 2-D) labels through the
-  Trainer's own ``num_items_in_batch`` (counted over all chunks and all ranks, labels shifted like the model's
-  loss), per-example otherwise (image/sequence classification, regression: each chunk's mean loss weighted by its
-  share of the step); so a step of B samples in k chunks gives the update of one chunk of B. Batches of any
-  modality work: examples are counted from the batch dimension of any tensor, tokens only where the batch has
-  ``attention_mask``/``input_ids`` (``count_batch``);
-- ``num_train_epochs`` counts passes over the data; the number of optimizer steps (and the default LR
-  scheduler's horizon) comes from simulating the ramp (``RampBatchSampler.plan``); ``max_steps`` still caps;
-  ``state.epoch`` reports passes over the data; ``eval_strategy``/``save_strategy``/``logging_strategy`` of
-  ``"epoch"`` fire at pass boundaries, ``"steps"`` as usual;
-- ``self.clock`` (``TrainingClock``) counts steps, consumed samples (sequences) and non-pad tokens (global over
-  ranks) as the sampler accounts for the rows it drew (``DrawnStep``), so the clock, the token schedules and a
-  resumed sampler agree even when a collator truncates. It, the sampler's stream position (``ramp_position``, in
-  dataset rows), the global batch size of every step so far and a fingerprint of what the plan depends on are
-  saved in every checkpoint's ``trainer_state.json`` (``hf_batchsched.checkpoint``), written atomically before the
-  Trainer rotates old checkpoints; ``train(resume_from_checkpoint=...)`` continues with the same samples, batch
-  sizes, RNG state and losses, refuses a checkpoint that does not match the run (unless
-  ``allow_schedule_change_on_resume=True``), and with ``True`` takes the newest *complete* checkpoint.
-
-The schedule is read when the DataLoader draws a step batch: with ``dataloader_num_workers=0`` that is right
-before the step that uses it, after the previous step's optimizer step and callbacks, so an online
-(adaptive) schedule sees every measurement up to the previous step; worker processes read it earlier (prefetch).
-
-Everything that touches Trainer, accelerate or torch internals lives in this module: the ``Trainer`` overrides
-(``set_initial_training_values``, ``_save_checkpoint``, ``training_step``, ``get_train_dataloader``), the shifted-label
-count (``_loss_shifts_labels``), ``_prepare_inputs``, FSDP2/ZeRO-3 parameter gathering (``full_parameters``), and the
-public helpers the callbacks use instead of internals: ``set_scheduler_lrs`` (torch's ``_last_lr``) and
-``log_metrics`` (the Trainer's ``control.should_log``). What reads no internals lives beside it: the launch and
-argument checks (``hf_batchsched.launch``), the chunk loss weights (``hf_batchsched.loss_weights``), the engines'
-gradient norms (``hf_batchsched.sharded_grads``), ``StepWatch`` (``hf_batchsched.step_watch``), the checkpoint rules
-(``hf_batchsched.checkpoint``) and how callbacks bind and keep state (``hf_batchsched.callback_binding``).
-
-Micro-chunk events
-------------------
-Besides the Trainer's callback events, a ``BatchRampTrainer`` calls two of its own, from inside ``training_step``, on
-every callback in its list (``callbacks=[...]``, ``add_callback``) that defines them; they take the trainer first
-because they happen inside the step, where the Trainer passes no ``args``/``state``/``control``:
-
-- ``on_micro_chunk_end(trainer, chunk_index, num_chunks, chunk_num_samples)``: called on every rank after each
-  micro-chunk's backward (before the optimizer step; for ``chunk_index < num_chunks - 1`` the gradients are
-  this rank's local accumulation, not yet all-reduced). ``NoiseScaleCallback`` reads gradient norms here.
-- ``on_step_batch_end(trainer, step_num_samples)``: after the last chunk of a step (global sample count).
-
-A callback that defines them and is bound to the trainer (``XCallback(trainer)``) but not in its list is refused at
-``train()`` (it would never hear them). When a callback listens, the trainer sets two attributes describing each
-chunk before it runs:
-
-- ``trainer.current_chunk_num_items``: the items the chunk's loss averages over on this rank: label tokens
-  (non ``-100`` labels, shifted like the model's loss, counted as the Trainer counts ``num_items_in_batch``) when the
-  loss is normalised by ``num_items_in_batch``, else samples;
-- ``trainer.current_chunk_loss_weight``: the factor by which the chunk's mean loss (over those items) enters this
-  rank's accumulated gradient before DDP's average over ranks: ``world · items_chunk / items_step`` for a
-  token-normalised loss (``items_step`` = the Trainer's ``num_items_in_batch``, global with the default
-  ``average_tokens_across_devices=True``; without it the factor is ``items_chunk / items_rank``),
-  ``world · samples_chunk / samples_step`` for a per-example loss (``hf_batchsched.loss_weights``). So
-  ``.grad / weight`` after chunk 1 is the gradient of chunk 1's mean loss.
-
-Metrics (added to every training log, so they reach every ``report_to`` integration):
-
-| name | meaning |
-|---|---|
-| ``batchsched/batch_size`` | global batch size of the last optimizer step |
-| ``batchsched/samples_seen`` | consumed samples, i.e. sequences (all ranks) |
-| ``batchsched/tokens_seen`` | consumed non-pad tokens of the dataset rows (all ranks); omitted for images |
-| ``batchsched/micro_chunks`` | micro-chunks per rank in the last step |
-| ``batchsched/sgd_noise`` | Smith et al.'s noise scale g = lr (N/B - 1) / (1 - m) (m: momentum or Adam beta1) |
+This is the one module that touches Trainer, accelerate or torch internals (the ``Trainer`` overrides,
+``_prepare_inputs``, FSDP2/ZeRO-3 parameter gathering, and the public helpers the callbacks use instead:
+``set_scheduler_lrs``, ``log_metrics``, ``prepare_inputs``); the logic that reads no internals lives in
+``launch``, ``ramp_plan``, ``batching``, ``loss_weights``, ``sharded_grads``, ``checkpoint`` and ``callback_binding``.
 
 Example:
 
@@ -99,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 import logging
 import math
 import os
@@ -108,7 +39,7 @@ from typing import Any
 
 import datasets
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, seed_worker
 
@@ -128,21 +59,28 @@ from .clock import TrainingClock
 from .coupling import CouplingCallback, resolve_coupling
 from .data.lengths import sample_lengths
 from .data.sampler import DrawnStep, RampBatchSampler
-from .errors import ConfigError, check_choice, check_integer, check_positive
+from .errors import ConfigError, check_choice
 from .launch import (
     FSDP_GRADIENT_SYNC,
     FSDP_ON_CPU_ENV,
     check_distributed_launch,
     check_lr_policy_owns_lr,
+    check_ramp_options,
     check_sharding_engine,
-    check_unset_or_positive,
     copy_training_arguments,
     env_flag,
     fsdp_requested,
-    train_sampling_strategy,
+    ramp_batch_sizes,
+    ramp_data_options,
 )
 from .loss_weights import chunk_loss_weights, per_token_labels
-from .ramp_plan import describe_schedule, resumed_plan_changes, step_sizes
+from .ramp_plan import (
+    check_resumed_plan,
+    check_training_left,
+    plan_fingerprint,
+    resumed_plan_changes,
+    step_sizes,
+)
 from .schedules.base import Policy
 from .schedules.batch_config import as_batch_schedule
 from .schedules.seesaw_pair import check_seesaw_pair
@@ -464,40 +402,16 @@ class BatchRampMixin:
             args = (args[0], copy_training_arguments(args[1]), *args[2:])
         if env_flag(FSDP_ON_CPU_ENV):
             _enable_fsdp_on_cpu(kwargs.get("args", args[1] if len(args) > 1 else None))
-        # Checked before the Trainer makes output_dir:
-        check_unset_or_positive("max_micro_batch_size", max_micro_batch_size, "per_device_train_batch_size")
-        check_unset_or_positive("batch_size_multiple", batch_size_multiple, "the world size")
-        if seed is not None:
-            check_integer("seed", seed)
+        check_ramp_options(max_micro_batch_size, batch_size_multiple, seed)  # before the Trainer makes output_dir
         check_distributed_launch(kwargs.get("args", args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
         targs = self.args
         self.fsdp_gradient_sync = fsdp_gradient_sync
         self.sharding_engine = check_sharding_engine(self)
-        world_size = targs.world_size
-        accumulation = targs.gradient_accumulation_steps
-        if batch_schedule is None:
-            batch_schedule = targs.per_device_train_batch_size * world_size * accumulation
-            if accumulation > 1:
-                logger.warning(
-                    "BatchRampTrainer: gradient_accumulation_steps=%d is realised as micro-chunks of a constant "
-                    "global batch of %d; setting the Trainer's gradient_accumulation_steps to 1",
-                    accumulation,
-                    batch_schedule,
-                )
-        elif accumulation > 1:
-            raise ConfigError(
-                f"gradient_accumulation_steps={accumulation} cannot be combined with a batch_schedule: the ramp "
-                "accumulates micro-chunks itself. Set gradient_accumulation_steps=1 and max_micro_batch_size to the "
-                "largest chunk that fits in memory"
-            )
-        if accumulation > 1:
+        batch_schedule, self.max_micro_batch_size = ramp_batch_sizes(targs, batch_schedule, max_micro_batch_size)
+        if targs.gradient_accumulation_steps > 1:
             targs.gradient_accumulation_steps = 1
             self.accelerator.gradient_accumulation_steps = 1
-        if targs.auto_find_batch_size:
-            raise ConfigError("auto_find_batch_size is not supported with a batch ramp; set max_micro_batch_size")
-        self.max_micro_batch_size = max_micro_batch_size or targs.per_device_train_batch_size  # 0 refused above
-        check_positive("max_micro_batch_size", self.max_micro_batch_size)
         self.batch_schedule = as_batch_schedule(batch_schedule)
         if lr_policy is not None and not isinstance(lr_policy, Policy):
             from .schedules.lr_config import lr_policy_from_config
@@ -506,25 +420,10 @@ class BatchRampMixin:
         self.lr_policy = lr_policy
         if lr_policy is not None:
             check_lr_policy_owns_lr(targs, self._deepspeed_config(), seesaw=False)
-        self.ramp_seed = seed if seed is not None else (targs.data_seed if targs.data_seed is not None else targs.seed)
-        check_integer("seed", self.ramp_seed)
+        self.ramp_seed, self.batch_size_multiple, self.sampling_strategy = ramp_data_options(
+            targs, seed, batch_size_multiple, self.train_dataset, allow_schedule_change_on_resume
+        )
         self.ramp_rounding = rounding
-        self.batch_size_multiple = world_size if batch_size_multiple is None else int(batch_size_multiple)
-        if self.batch_size_multiple % world_size:
-            raise ConfigError(
-                f"batch_size_multiple={self.batch_size_multiple} must be a multiple of world_size={world_size} so "
-                "every rank gets the same number of samples"
-            )
-        if isinstance(self.train_dataset, IterableDataset):
-            raise ConfigError(
-                "a batch ramp needs a map-style train_dataset with a length (an IterableDataset cannot be shuffled "
-                "or resumed by position); materialise it, e.g. datasets.Dataset.from_generator(...)"
-            )
-        self.sampling_strategy = train_sampling_strategy(targs)
-        if not isinstance(allow_schedule_change_on_resume, bool):
-            raise ConfigError(
-                f"allow_schedule_change_on_resume must be True or False, got {allow_schedule_change_on_resume!r}"
-            )
         self.allow_schedule_change_on_resume = allow_schedule_change_on_resume
         self.clock = TrainingClock()
         self.ramp_passes = 0.0  # passes over the data the planned run makes (set when train() plans it)
@@ -770,21 +669,17 @@ class BatchRampMixin:
         cap = args.max_steps if args.max_steps > 0 else None
         steps_from_start = planner.plan_rows(max_steps=cap)
         from_start = step_sizes(planner, steps_from_start)
-        fingerprint = {
+        self._plan_fingerprint = plan_fingerprint(
+            args,
             **self._stream_fingerprint(),
-            "batch_schedule": describe_schedule(self.batch_schedule),
-            "world_size": args.world_size,
-            "max_micro_batch_size": self.max_micro_batch_size,
-            "batch_size_multiple": self.batch_size_multiple,
-            "rounding": self.ramp_rounding,
-            "num_train_epochs": None if cap else float(args.num_train_epochs),
-            "max_steps": cap,
-            "train_sampling_strategy": self.sampling_strategy,
-            "dataloader_drop_last": bool(args.dataloader_drop_last),
+            batch_schedule=self.batch_schedule,
+            max_micro_batch_size=self.max_micro_batch_size,
+            batch_size_multiple=self.batch_size_multiple,
+            rounding=self.ramp_rounding,
+            sampling_strategy=self.sampling_strategy,
             # what the schedule does not already say (an adaptive schedule's lr_scaling is in its own config)
-            "couple": None if self.couple == resolve_coupling(None, self.batch_schedule) else str(self.couple),
-        }
-        self._plan_fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as it reads back from JSON
+            couple=None if self.couple == resolve_coupling(None, self.batch_schedule) else str(self.couple),
+        )
         saved = self._resumed_ramp_state
         if saved is None:
             if not from_start:
@@ -794,12 +689,7 @@ class BatchRampMixin:
         taken = expand_batch_sizes(saved["batch_sizes"])
         online = getattr(self.batch_schedule, "online", False)
         changes = resumed_plan_changes(saved["plan"], self._plan_fingerprint, taken, from_start, online=online)
-        if changes and not self.allow_schedule_change_on_resume:
-            raise ConfigError(
-                f"{source} does not match this run's batch plan ({'; '.join(changes)}): resuming would cut training "
-                "short or train samples twice. Resume with the settings it was saved with, or pass "
-                "allow_schedule_change_on_resume=True to continue from its clock with the new settings on purpose"
-            )
+        check_resumed_plan(changes, allow_change=self.allow_schedule_change_on_resume, source=source)
         if changes:
             logger.warning(
                 "BatchRampTrainer: resuming %s with a changed batch plan (allow_schedule_change_on_resume=True): %s",
@@ -808,12 +698,7 @@ class BatchRampMixin:
             )
         remaining_steps = self._ramp_sampler.plan_rows(max_steps=None if cap is None else max(cap - len(taken), 0))
         remaining = step_sizes(self._ramp_sampler, remaining_steps)
-        if not remaining:
-            raise ConfigError(
-                f"{source} is at the end of training: its {len(taken)} steps and {self.clock.consumed_samples} "
-                "samples already cover this run's plan, so there is nothing left to train. To train further, raise "
-                "num_train_epochs or max_steps and pass allow_schedule_change_on_resume=True"
-            )
+        check_training_left(remaining, taken, self.clock.consumed_samples, source)
         return taken + remaining, remaining_steps[-1][1]
 
     def _save_checkpoint(self, model, trial):
