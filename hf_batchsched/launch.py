@@ -29,6 +29,7 @@ __all__ = [
     "deepspeed_requested",
     "env_flag",
     "fsdp_requested",
+    "no_tokens_for_policy",
     "ramp_batch_sizes",
     "ramp_data_options",
     "check_sharding_engine",
@@ -257,3 +258,11 @@ def ramp_data_options(targs, seed, batch_size_multiple, train_dataset, allow_sch
             f"allow_schedule_change_on_resume must be True or False, got {allow_schedule_change_on_resume!r}"
         )
     return ramp_seed, multiple, strategy
+
+
+def no_tokens_for_policy(lr_policy) -> ConfigError:
+    """The error for an ``lr_policy`` on tokens when the training batches carry none to count."""
+    return ConfigError(
+        f"lr_policy {lr_policy.name!r} counts tokens, but the training batches have no attention_mask or "
+        "input_ids to count them (e.g. image batches); build the policy on unit='samples' or 'fraction'"
+    )

@@ -43,8 +43,8 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, seed_worker
 
-from .batching import IGNORE_INDEX, batch_len, count_batch, packed_sequence_starts, split_micro_chunks
-from .callback_binding import bind_callbacks, save_callback_state
+from .batching import batch_len, count_batch, packed_sequence_starts, split_micro_chunks
+from .callback_binding import bind_callbacks, check_chunk_listeners_added, save_callback_state
 from .checkpoint import (
     RAMP_STATE_KEY,
     STREAM_KEYS,
@@ -55,6 +55,7 @@ from .checkpoint import (
     save_trainer_state_atomically,
     validate_ramp_state,
 )
+from .chunk_checks import check_packed_batch, has_left_padding, leading_trim_candidate, trimmed_outputs_agree
 from .clock import TrainingClock
 from .coupling import CouplingCallback, resolve_coupling
 from .data.lengths import sample_lengths
@@ -70,10 +71,11 @@ from .launch import (
     copy_training_arguments,
     env_flag,
     fsdp_requested,
+    no_tokens_for_policy,
     ramp_batch_sizes,
     ramp_data_options,
 )
-from .loss_weights import chunk_loss_weights, per_token_labels
+from .loss_weights import chunk_accumulation, chunk_loss_weights, per_token_labels
 from .ramp_plan import (
     check_resumed_plan,
     check_training_left,
@@ -155,32 +157,10 @@ def _plain(value: Any) -> Any:
 def log_metrics(trainer: Any, logs: Mapping[str, Any]) -> None:
     """Log ``logs`` through ``trainer.log`` from any callback event without cancelling the Trainer's own log.
 
-    Why a helper (transformers 5.x, checked against ``trainer.py`` and ``trainer_callback.py``):
-
-    - ``Trainer.log(logs)`` appends to ``state.log_history`` and fires ``on_log``; ``CallbackHandler.on_log`` sets
-      ``control.should_log = False`` before calling the callbacks. It touches no other flag (``should_evaluate`` is
-      cleared by ``on_evaluate``, ``should_save`` by ``on_save``, all three by ``on_step_begin``).
-    - ``DefaultFlowCallback`` (always first in the list) sets ``should_log`` in ``on_step_end`` (``logging_steps``,
-      ``logging_first_step``) and in ``on_epoch_end`` (``logging_strategy="epoch"``); the Trainer then reads it in
-      ``_maybe_log_save_evaluate``, which runs right *after* those two events and writes the ``loss``/``grad_norm``/
-      ``learning_rate`` entry.
-    - So a callback that calls ``trainer.log`` from ``on_step_end`` or ``on_epoch_end`` on a logging step cancels the
-      Trainer's own training log for that step (the accumulated loss then goes out, averaged, at the next logging
-      step). Earlier events of a step (``on_step_begin``, ``on_pre_optimizer_step``, ``on_optimizer_step``,
-      ``on_substep_end``) run while ``should_log`` is still ``False``; ``on_log`` and ``on_evaluate`` run after the
-      training log was written. Logging from those is harmless, and the helper is a plain ``trainer.log`` there.
-
-    This function logs through ``transformers.Trainer.log`` (so the values reach every ``report_to`` integration, and
-    ``log_history``) and puts ``should_log`` back when it was set before the call. It calls the base class's ``log``,
-    not a subclass's override: trl's trainers (``SFTTrainer``, ...) merge the metrics they gather during the step
-    (``entropy``, ``mean_token_accuracy``, ``num_tokens``) into *every* ``log`` call and clear them only afterwards, so
-    an extra entry logged through their ``log`` would repeat them (from ``on_log``) or take them away from the training
-    log (from ``on_step_end``); through the base ``log`` each metric appears once per step, in the Trainer's own entry.
-
-    DDP: call it on every rank, like the Trainer's own ``self.log`` (which runs on every rank): it runs no collective,
-    writes no file, and keeps ``log_history`` the same on all ranks; the ``report_to`` integrations and the console
-    printer write only where ``state.is_world_process_zero``. Values must already agree across ranks (reduce them
-    before) if they should mean the same thing everywhere.
+    A plain ``trainer.log`` from ``on_step_end``/``on_epoch_end`` on a logging step would clear ``control.should_log``
+    and cancel the Trainer's own training entry; this calls the base ``transformers.Trainer.log`` (not trl's
+    override, which would repeat or take away its step metrics) and puts the flag back. Call it on every rank; it runs
+    no collective. Why, event by event: ``docs/api.md`` ("Logging from a callback").
 
     Args:
         trainer (`transformers.Trainer`):
@@ -334,49 +314,24 @@ class _RampCallback(TrainerCallback):
 class BatchRampMixin:
     """Mix into any ``Trainer`` subclass (``class T(BatchRampMixin, trl.SFTTrainer)``) to ramp the batch size.
 
-    Args:
+    Args (defaults, effects and refusals in full: ``docs/batch-ramp.md``, "Options" and "Not supported"):
         batch_schedule (`Callable`, `int` or `dict`, *optional*): global batch size as a function of consumed
-            samples (or tokens, if its ``.unit`` is ``"tokens"``); an ``int`` is constant; a dict goes through
-            ``hf_batchsched.schedules.batch.batch_schedule_from_config``. Defaults to the plain Trainer's
-            ``per_device_train_batch_size * world_size * gradient_accumulation_steps`` (constant).
-        max_micro_batch_size (`int`, *optional*): most sequences one forward/backward sees on one rank (rows of a
-            padded batch, sequences of a packed one); a memory bound only, it never changes the batch size.
-            Defaults to ``per_device_train_batch_size``.
-        lr_policy (`Policy` or `dict`, *optional*): an LR policy (``hf_batchsched.schedules.lr``); the scheduler
-            becomes ``PolicyLRScheduler`` reading ``self.clock`` in the policy's unit. Defaults to the Trainer's
-            ``lr_scheduler_type`` with the simulated number of steps as horizon.
-        seed (`int`, *optional*): data-order seed (pass ``p`` uses ``seed + p``). Defaults to ``args.data_seed``,
-            else ``args.seed``.
-        batch_size_multiple (`int`, *optional*): global sizes are rounded down to multiples of it. Defaults to
-            ``world_size`` (every rank gets the same number of rows); a size below it is refused, never raised.
-        rounding (`str`, *optional*, defaults to `"down"`): sizes that are not multiples of ``batch_size_multiple``
-            are rounded down (logged); ``"error"`` raises a ``ConfigError`` instead.
-        allow_schedule_change_on_resume (`bool`, *optional*, defaults to `False`): a resume whose batch plan
-            settings (``batch_schedule``, ``world_size``, ``max_micro_batch_size``, ``batch_size_multiple``,
-            ``rounding``, ``num_train_epochs``, ``max_steps``, ``train_sampling_strategy``,
-            ``dataloader_drop_last``) differ from the checkpoint's is refused; ``True``
-            continues from the checkpoint's clock with the new settings (logged). The dataset size and data seed
-            must always match.
-
-        couple (`Coupling`, `dict` or `str`, *optional*): optimizer hyperparameters that follow the batch size at
-            every step, relative to the first step's batch (``hf_batchsched.coupling``): the LR (``"sqrt"`` or
-            ``"linear"``), AdamW's weight decay (constant time scale) and Adam's betas (constant half-life), e.g.
-            ``"lr=sqrt,wd,betas"``. An ``AdaptiveBatchSchedule``'s ``lr_scaling`` is applied the same way.
+            samples (or tokens, if its ``.unit`` is ``"tokens"``). Defaults to the plain Trainer's global batch.
+        max_micro_batch_size (`int`, *optional*): most sequences one forward/backward sees on one rank; a memory
+            bound only. Defaults to ``per_device_train_batch_size``.
+        lr_policy (`Policy` or `dict`, *optional*): an LR policy read on ``self.clock`` (``PolicyLRScheduler``).
+        seed (`int`, *optional*): data-order seed. Defaults to ``args.data_seed``, else ``args.seed``.
+        batch_size_multiple (`int`, *optional*): global sizes are rounded down to multiples of it (default
+            ``world_size``).
+        rounding (`str`, *optional*, defaults to `"down"`): ``"error"`` refuses sizes that need rounding.
+        allow_schedule_change_on_resume (`bool`, *optional*, defaults to `False`): let a resume continue with other
+            batch plan settings than the checkpoint's (``docs/checkpoints.md``).
+        couple (`Coupling`, `dict` or `str`, *optional*): optimizer hyperparameters that follow the batch size
+            (``hf_batchsched.coupling``), e.g. ``"lr=sqrt,wd,betas"``.
         fsdp_gradient_sync (`str`, *optional*, defaults to `"every_chunk"`): under FSDP2, reduce-scatter every
-            micro-chunk's gradient (they stay sharded: gradient memory 1/world of the model's; k reduce-scatters per
-            step) or only the last chunk's (``"last_chunk"``: one reduce-scatter per step, but every rank holds the
-            whole model's unsharded gradients until then, as much as DDP). Ignored by other engines.
+            micro-chunk's gradient or only the last chunk's (``"last_chunk"``).
 
-    Engines: one process, DDP, DeepSpeed ZeRO (``deepspeed=`` or accelerate's DeepSpeed plugin) and FSDP2 (accelerate
-    ``fsdp_version: 2``); on CPU processes accelerate only builds FSDP with ``HF_BATCHSCHED_FSDP_ON_CPU=1``.
-
-    Bad input raises ``ConfigError``: a ramp with ``gradient_accumulation_steps > 1`` (the chunks replace it), an
-    ``IterableDataset``, a schedule larger than the dataset, ``auto_find_batch_size``, a launch that asked for FSDP
-    or DeepSpeed but runs plain DDP, an ``lr_policy`` next to a DeepSpeed ``scheduler`` section, DeepSpeed's
-    ``managed_gradient_accumulation: false``, ``train_sampling_strategy="batch_rebalance"``. With no
-    ``batch_schedule`` and ``gradient_accumulation_steps > 1`` the accumulation moves into the chunks (logged).
-    ``train_sampling_strategy`` ``"sequential"`` reads the data in order, ``"group_by_length"`` sorts each step
-    batch by length; ``dataloader_drop_last`` drops a short last step.
+    Bad input raises ``ConfigError``. Engines: one process, DDP, DeepSpeed ZeRO and FSDP2 (``docs/distributed.md``).
     """
 
     def __init__(
@@ -518,14 +473,7 @@ class BatchRampMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint, and a resume is
         checked against this run (see ``hf_batchsched.checkpoint``); a mismatch raises ``ConfigError``."""
-        for callback in self._bound_callbacks:
-            listens = hasattr(callback, "on_micro_chunk_end") or hasattr(callback, "on_step_batch_end")
-            if listens and callback not in self.callback_handler.callbacks:
-                raise ConfigError(
-                    f"{type(callback).__name__} is bound to this trainer but not in its callback list, so it would "
-                    "hear no micro-chunk event; call trainer.add_callback(callback) so it can also log and save its "
-                    "state"
-                )
+        check_chunk_listeners_added(self._bound_callbacks, self.callback_handler.callbacks)
         point = find_resume_checkpoint(
             resume_from_checkpoint, self.args.output_dir, announce=self.is_world_process_zero()
         )
@@ -575,10 +523,7 @@ class BatchRampMixin:
         try:
             lengths = sample_lengths(dataset) if token_columns or needs_tokens else None
         except ConfigError as error:
-            raise ConfigError(
-                f"lr_policy {self.lr_policy.name!r} counts tokens, but the training batches have no attention_mask or "
-                "input_ids to count them (e.g. image batches); build the policy on unit='samples' or 'fraction'"
-            ) from error
+            raise no_tokens_for_policy(self.lr_policy) from error
         self._ramp_sampler = RampBatchSampler(
             dataset,
             self.batch_schedule,
@@ -750,23 +695,14 @@ class BatchRampMixin:
             engine = self.accelerator.deepspeed_engine_wrapped.engine
             engine.set_train_batch_size(len(chunks) * engine.train_micro_batch_size_per_gpu() * engine.dp_world_size)
         if not step_tokens and self.lr_policy is not None and self.lr_policy.unit == "tokens":
-            raise ConfigError(
-                f"lr_policy {self.lr_policy.name!r} counts tokens, but the training batches have no attention_mask "
-                "or input_ids to count them (e.g. image batches); build the policy on unit='samples' or 'fraction'"
-            )
+            raise no_tokens_for_policy(self.lr_policy)
         if num_items_in_batch is not None and self.compute_loss_func is None and not per_token_labels(inputs):
             # Items are examples here: per-example weighting (below) is the same normalisation, and it does not rely
             # on the model's forward honouring num_items_in_batch. Image classifiers such as
             # ResNetForImageClassification take **kwargs (so the Trainer passes it) but return a plain chunk mean,
             # which would make k chunks sum k means.
             num_items_in_batch = None
-        # The Trainer divides a loss that is not normalised by num_items_in_batch by this: each chunk's mean is
-        # weighted by its share of the global step batch (DDP then averages ranks); for a packed row, its share of
-        # the row's tokens (what trl scales a mixture-of-experts auxiliary loss by).
-        if packed:
-            accumulation = [inputs["input_ids"].shape[1] / chunk["input_ids"].shape[1] for chunk in chunks]
-        else:
-            accumulation = [step_rows / (batch_len(chunk) * world_size) for chunk in chunks]
+        accumulation = chunk_accumulation(inputs, chunks, step_rows, world_size, packed)
         chunk_listeners = self._chunk_listeners("on_micro_chunk_end")
         step_listeners = self._chunk_listeners("on_step_batch_end")
         # (items, loss weight) per chunk for the listeners; only computed when one listens (it reads
@@ -838,29 +774,10 @@ class BatchRampMixin:
         without a cache (transformers builds it when ``attention_mask`` is None and no cache is passed; a model whose
         config has ``use_cache=True`` creates one even in training), so ``use_cache=False`` is added, as trl does.
         """
-        unwrapped = self.accelerator.unwrap_model(model)
-        config = getattr(unwrapped, "config", None)
-        if num_items_in_batch is None:
-            raise ConfigError(
-                "packed batches need their loss normalised over the step's label tokens (num_items_in_batch), but "
-                "this model's forward does not take it; use a model whose forward accepts **kwargs, or pass "
-                "compute_loss_func"
-            )
-        if "position_ids" not in inputs and getattr(config, "_attn_implementation", None) in ("eager", "sdpa"):
-            raise ConfigError(
-                "the packed batch has no position_ids: eager/sdpa attention builds the block-diagonal mask from them "
-                "and would attend across the packed sequences; make the collator return position_ids"
-            )
-        if drawn is not None:
-            starts = packed_sequence_starts(inputs)
-            total = inputs["input_ids"].shape[1]
-            multi_token = int(((torch.cat([starts[1:], torch.tensor([total])]) - starts) > 1).sum())
-            if multi_token > drawn.local_samples:
-                raise ConfigError(
-                    f"the packed batch holds {multi_token} sequences but its dataset rows hold {drawn.local_samples}: "
-                    "the rows pack sequences without a 'seq_lengths' column, so the clock would count rows; add the "
-                    "column (trl.pack_dataset does) or let the collator flatten one sequence per row"
-                )
+        config = getattr(self.accelerator.unwrap_model(model), "config", None)
+        attn_implementation = getattr(config, "_attn_implementation", None)
+        drawn_samples = None if drawn is None else drawn.local_samples
+        check_packed_batch(inputs, num_items_in_batch, attn_implementation, drawn_samples)
         if getattr(config, "use_cache", False) and "use_cache" not in inputs:
             inputs = {**inputs, "use_cache": False}
         return inputs
@@ -877,21 +794,15 @@ class BatchRampMixin:
         """
         if self._leading_trim_exact is not None:
             return self._leading_trim_exact
-        mask = inputs.get("attention_mask")
-        if not (torch.is_tensor(mask) and mask.dim() == 2) or bool(mask[:, 0].all()):
+        if not has_left_padding(inputs):
             return False  # no left padding in this batch: decide on a batch that has some
         if not self._loss_shifts_labels or self.is_fsdp_enabled:
             self._leading_trim_exact = False
             return False
-        for untrimmed in split_micro_chunks(inputs, self.max_micro_batch_size, labels_shifted=True):
-            trimmed = split_micro_chunks(untrimmed, self.max_micro_batch_size, trim_leading=True, labels_shifted=True)[
-                0
-            ]
-            removed = untrimmed["attention_mask"].shape[1] - trimmed["attention_mask"].shape[1]
-            if removed:
-                break
-        else:
+        candidate = leading_trim_candidate(inputs, self.max_micro_batch_size)
+        if candidate is None:
             return False
+        untrimmed, trimmed, removed = candidate
         unwrapped = self.accelerator.unwrap_model(model)
         was_training = unwrapped.training
         unwrapped.eval()
@@ -903,17 +814,9 @@ class BatchRampMixin:
                 cut = unwrapped(**{k: v for k, v in self._prepare_inputs(trimmed).items() if k not in strip})
         finally:
             unwrapped.train(was_training)
-        full_logits, cut_logits = getattr(full, "logits", None), getattr(cut, "logits", None)
-        exact = False
-        if torch.is_tensor(full_logits) and torch.is_tensor(cut_logits) and full_logits.dtype == torch.float32:
-            kept = full_logits[:, removed:]
-            relevant = trimmed["attention_mask"].bool().to(device)
-            labels = trimmed.get("labels")
-            if torch.is_tensor(labels):
-                relevant[:, :-1] |= labels[:, 1:].to(device) != IGNORE_INDEX
-            difference = (kept - cut_logits).abs().amax(dim=-1)[relevant]
-            scale = max(1.0, float(kept.abs().amax()))
-            exact = bool(difference.numel()) and float(difference.max()) <= 1e-4 * scale
+        exact = trimmed_outputs_agree(
+            getattr(full, "logits", None), getattr(cut, "logits", None), removed, trimmed, device
+        )
         self._leading_trim_exact = exact
         logger.info(
             "BatchRampTrainer: left padding is %s per micro-chunk (%s)",
