@@ -22,6 +22,7 @@ __all__ = [
     "check_training_left",
     "describe_schedule",
     "plan_fingerprint",
+    "plan_summary",
     "resumed_plan_changes",
     "step_sizes",
 ]
@@ -117,3 +118,17 @@ def check_training_left(remaining: list[int], taken: list[int], consumed_samples
             "samples already cover this run's plan, so there is nothing left to train. To train further, raise "
             "num_train_epochs or max_steps and pass allow_schedule_change_on_resume=True"
         )
+
+
+def plan_summary(plan: list[int], passes: float, num_rows: int, max_micro_batch_size: int, world_size: int) -> str:
+    """The one line ``train()`` logs about its plan (``plan``: the global batch size of every step).
+
+    >>> plan_summary([8, 8, 16], 1.0, 32, 4, 1).split(" (smallest")[0]
+    'BatchRampTrainer: 3 optimizer steps, 32 samples (1 passes over 32 rows), global batch 8 -> 16'
+    """
+    text = (
+        "BatchRampTrainer: %d optimizer steps, %d samples (%.4g passes over %d rows), global batch %d -> %d "
+        "(smallest %d, largest %d), at most %d sequences per forward on each of %d rank(s)"
+    )
+    sizes = (len(plan), sum(plan), passes, num_rows, plan[0], plan[-1], min(plan), max(plan))
+    return text % (*sizes, max_micro_batch_size, world_size)  # noqa: UP031 - the logger's %-style line, as before

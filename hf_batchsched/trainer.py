@@ -32,7 +32,6 @@ import contextlib
 import copy
 import functools
 import logging
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -41,7 +40,7 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, seed_worker
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 from .batching import batch_len, count_batch, packed_sequence_starts, split_micro_chunks
 from .callback_binding import bind_callbacks, check_chunk_listeners_added, save_callback_state
@@ -58,7 +57,6 @@ from .checkpoint import (
 from .chunk_checks import check_packed_batch, has_left_padding, leading_trim_candidate, trimmed_outputs_agree
 from .clock import TrainingClock
 from .coupling import CouplingCallback, resolve_coupling
-from .data.lengths import sample_lengths
 from .data.sampler import DrawnStep, RampBatchSampler
 from .errors import ConfigError, check_choice
 from .launch import (
@@ -76,10 +74,12 @@ from .launch import (
     ramp_data_options,
 )
 from .loss_weights import chunk_accumulation, chunk_loss_weights, per_token_labels
+from .ramp_loader import build_ramp_sampler, ramp_dataloader
 from .ramp_plan import (
     check_resumed_plan,
     check_training_left,
     plan_fingerprint,
+    plan_summary,
     resumed_plan_changes,
     step_sizes,
 )
@@ -514,60 +514,19 @@ class BatchRampMixin:
             collator = self.data_collator
         else:
             collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
-        targs = self.args
-        total_rows = math.inf if targs.max_steps > 0 else math.ceil(targs.num_train_epochs * len(dataset))
-        # One definition of a token for the clock, the token schedules and the checkpoint: the non-pad tokens of the
-        # dataset rows (cheap for Arrow datasets; other datasets are read only when something counts tokens).
-        token_columns = {"input_ids", "attention_mask"} & set(getattr(dataset, "column_names", None) or ())
-        needs_tokens = self.lr_policy is not None and self.lr_policy.unit == "tokens"
-        try:
-            lengths = sample_lengths(dataset) if token_columns or needs_tokens else None
-        except ConfigError as error:
-            raise no_tokens_for_policy(self.lr_policy) from error
-        self._ramp_sampler = RampBatchSampler(
+        self._ramp_sampler = build_ramp_sampler(
             dataset,
             self.batch_schedule,
-            rank=targs.process_index,
-            world_size=targs.world_size,
+            self.args,
+            lr_policy=self.lr_policy,
             seed=self.ramp_seed,
-            shuffle=self.sampling_strategy != "sequential",
-            round_to=self.batch_size_multiple,
+            sampling_strategy=self.sampling_strategy,
+            batch_size_multiple=self.batch_size_multiple,
             rounding=self.ramp_rounding,
-            total_rows=total_rows,
-            lengths=lengths,
-            group_by_length=self.sampling_strategy == "group_by_length",
-            drop_last=targs.dataloader_drop_last,
             consumed_rows=self.ramp_position,
+            resumed_state=self._resumed_ramp_state,
         )
-        if self._resumed_ramp_state is not None:  # resume: refuses a position saved with other per-row counts
-            clock = self._resumed_ramp_state["clock"]
-            self._ramp_sampler.load_state_dict(
-                {
-                    "consumed_rows": self._resumed_ramp_state["consumed_rows"],
-                    "consumed_samples": clock["consumed_samples"],
-                    "consumed_tokens": clock["consumed_tokens"],
-                }
-            )
-        loader_kwargs = {}
-        if targs.dataloader_num_workers > 0:
-            loader_kwargs = {
-                "prefetch_factor": targs.dataloader_prefetch_factor,
-                "persistent_workers": targs.dataloader_persistent_workers,
-                "worker_init_fn": functools.partial(
-                    seed_worker, num_workers=targs.dataloader_num_workers, rank=targs.process_index
-                ),
-            }
-        return DataLoader(
-            dataset,
-            batch_sampler=self._ramp_sampler,
-            collate_fn=collator,
-            num_workers=targs.dataloader_num_workers,
-            pin_memory=targs.dataloader_pin_memory and targs.device.type == "cuda",
-            # Its own generator: creating the iterator draws a base seed, which from the global generator would come
-            # after a resume has restored the checkpoint's RNG state and shift every later dropout mask.
-            generator=torch.Generator().manual_seed(self.ramp_seed),
-            **loader_kwargs,
-        )
+        return ramp_dataloader(dataset, self._ramp_sampler, collator, self.args, self.ramp_seed)
 
     def set_initial_training_values(self, args, dataloader):
         """Simulate the ramp from the start of the run: the Trainer sees one "epoch" of ``max_steps`` steps."""
@@ -584,18 +543,8 @@ class BatchRampMixin:
             # At warning level, the one level shown by default: the Trainer's own (info) header counts the ramp as one
             # epoch at its first batch size.
             logger.warning(
-                "BatchRampTrainer: %d optimizer steps, %d samples (%.4g passes over %d rows), global batch %d -> %d "
-                "(smallest %d, largest %d), at most %d sequences per forward on each of %d rank(s)",
-                max_steps,
-                sum(plan),
-                self.ramp_passes,
-                planner.num_rows,
-                plan[0],
-                plan[-1],
-                min(plan),
-                max(plan),
-                self.max_micro_batch_size,
-                args.world_size,
+                "%s",
+                plan_summary(plan, self.ramp_passes, planner.num_rows, self.max_micro_batch_size, args.world_size),
             )
         # num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples, total_train_batch_size,
         # steps_in_epoch, max_steps
@@ -783,15 +732,9 @@ class BatchRampMixin:
         return inputs
 
     def _leading_padding_trim_is_exact(self, model, inputs: dict) -> bool:
-        """Whether cutting a chunk's leading all-pad columns leaves the model's outputs unchanged (checked once).
-
-        Exactness depends on the model: with sdpa/flash attention masked keys contribute nothing and a pad position's
-        output does not depend on the row's width, but eager attention lets a fully masked pad position attend to
-        the whole row, and absolute position embeddings shift. So the first time a chunk of a causal LM would lose
-        leading columns, both versions are run once (no grad, eval mode) and compared at every position that a label
-        is predicted from or that holds a real token; leading padding is trimmed from then on only if they agree to
-        fp32 rounding. Not checked (kept) under FSDP or for 16-bit outputs, where rounding hides the difference.
-        """
+        """Whether cutting a chunk's leading all-pad columns leaves the model's outputs unchanged: decided once, on the
+        first chunk that would lose leading columns, by running it both ways (no grad, eval mode); kept under FSDP or
+        for 16-bit logits (``docs/batch-ramp.md``, "Padding")."""
         if self._leading_trim_exact is not None:
             return self._leading_trim_exact
         if not has_left_padding(inputs):
