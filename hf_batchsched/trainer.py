@@ -46,9 +46,9 @@ from .batching import batch_len, count_batch, packed_sequence_starts, split_micr
 from .callback_binding import bind_callbacks, check_chunk_listeners_added, save_callback_state
 from .checkpoint import (
     RAMP_STATE_KEY,
-    STREAM_KEYS,
     TRAINER_STATE_FILE,
     append_batch_size,
+    check_same_stream,
     expand_batch_sizes,
     find_resume_checkpoint,
     save_trainer_state_atomically,
@@ -447,14 +447,7 @@ class BatchRampMixin:
     def load_ramp_state_dict(self, state: dict, source: str = "ramp state") -> None:
         """Restore a ``ramp_state_dict()``; it is checked against this run's plan when ``train`` plans it."""
         validate_ramp_state(state, source)
-        for key in STREAM_KEYS:
-            if state["plan"][key] != self._stream_fingerprint()[key]:
-                raise ConfigError(
-                    f"{source}: the checkpoint was saved for a dataset of {state['plan']['dataset_size']} samples "
-                    f"and data seed {state['plan']['seed']}, this run has {len(self.train_dataset)} and "
-                    f"{self.ramp_seed}; resume with the same train_dataset and seed (the data position means nothing "
-                    "in another stream)"
-                )
+        check_same_stream(state["plan"], self._stream_fingerprint(), source)
         self.clock.load_state_dict(state["clock"])
         self._batch_size_history = [list(entry) for entry in state["batch_sizes"]]
         self.ramp_position = state["consumed_rows"]
