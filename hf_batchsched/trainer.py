@@ -75,6 +75,7 @@ from .launch import (
 )
 from .loss_weights import chunk_accumulation, chunk_loss_weights, per_token_labels
 from .ramp_loader import build_ramp_sampler, ramp_dataloader
+from .ramp_metrics import add_ramp_metrics
 from .ramp_plan import (
     check_resumed_plan,
     check_training_left,
@@ -829,24 +830,15 @@ class BatchRampMixin:
 
     # ---- logging -------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self.last_batch_size:
-            logs["batchsched/batch_size"] = self.last_batch_size
-            logs["batchsched/samples_seen"] = self.clock.consumed_samples
-            if self.clock.consumed_tokens:
-                logs["batchsched/tokens_seen"] = self.clock.consumed_tokens
-            logs["batchsched/micro_chunks"] = self.last_micro_chunks
-            noise = self._sgd_noise(logs.get("learning_rate"))
-            if noise is not None:
-                logs["batchsched/sgd_noise"] = noise
-            if self._coupling is not None:
-                logs.update(self._coupling.last)
-        if "train_runtime" in logs and "train_samples_per_second" in logs:
-            # The Trainer's figure is its planned samples times the share of steps run (constant-size steps); the
-            # ramp's steps differ in size, so count the samples this train() call consumed.
-            samples = self.clock.consumed_samples - getattr(self, "_samples_at_train_start", 0)
-            logs["train_samples"] = samples
-            if logs["train_runtime"] > 0:
-                logs["train_samples_per_second"] = round(samples / logs["train_runtime"], 3)
+        add_ramp_metrics(
+            logs,
+            self.clock,
+            batch_size=self.last_batch_size,
+            micro_chunks=self.last_micro_chunks,
+            sgd_noise=self._sgd_noise,
+            coupled=self._coupling.last if self._coupling is not None else None,
+            samples_at_train_start=getattr(self, "_samples_at_train_start", 0),
+        )
         super().log(logs, start_time)
 
     def _sgd_noise(self, lr: float | None) -> float | None:
