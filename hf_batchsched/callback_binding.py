@@ -38,7 +38,13 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["TrainerBoundCallback", "bind_callbacks", "load_callback_state", "save_callback_state"]
+__all__ = [
+    "TrainerBoundCallback",
+    "bind_callbacks",
+    "check_chunk_listeners_added",
+    "load_callback_state",
+    "save_callback_state",
+]
 
 
 class TrainerBoundCallback:
@@ -105,6 +111,19 @@ def bind_callbacks(trainer: Any) -> Any:
         if isinstance(callback, TrainerBoundCallback):
             callback.bind(trainer)
     return trainer
+
+
+def check_chunk_listeners_added(bound: list, callbacks: list) -> None:
+    """Refuse a callback ``bound`` to a trainer that listens to the micro-chunk events but is not in its
+    ``callbacks`` list (it would never hear them)."""
+    for callback in bound:
+        listens = hasattr(callback, "on_micro_chunk_end") or hasattr(callback, "on_step_batch_end")
+        if listens and callback not in callbacks:
+            raise ConfigError(
+                f"{type(callback).__name__} is bound to this trainer but not in its callback list, so it would "
+                "hear no micro-chunk event; call trainer.add_callback(callback) so it can also log and save its "
+                "state"
+            )
 
 
 def save_callback_state(state: Any, key: str, value: dict) -> None:

@@ -47,6 +47,7 @@ __all__ = [
     "TRAINER_STATE_FILE",
     "ResumePoint",
     "append_batch_size",
+    "check_same_stream",
     "checkpoint_files",
     "expand_batch_sizes",
     "find_resume_checkpoint",
@@ -168,6 +169,18 @@ def expand_batch_sizes(history: Sequence[Sequence[int]]) -> list[int]:
 # ---- reading -------------------------------------------------------------------------------------------------------
 def _int(value, minimum: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def check_same_stream(saved_plan: Mapping, current: Mapping, source: str) -> None:
+    """Refuse a checkpoint saved for another data stream (``STREAM_KEYS`` of the plan fingerprints differ)."""
+    for key in STREAM_KEYS:
+        if saved_plan[key] != current[key]:
+            raise ConfigError(
+                f"{source}: the checkpoint was saved for a dataset of {saved_plan['dataset_size']} samples "
+                f"and data seed {saved_plan['seed']}, this run has {current['dataset_size']} and "
+                f"{current['seed']}; resume with the same train_dataset and seed (the data position means nothing "
+                "in another stream)"
+            )
 
 
 def validate_ramp_state(state, source: str) -> None:

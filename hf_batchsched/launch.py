@@ -10,19 +10,28 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import numbers
 import os
 
-from .errors import ConfigError
+from torch.utils.data import IterableDataset
+
+from .errors import ConfigError, check_integer, check_positive
+
+logger = logging.getLogger("hf_batchsched.trainer")  # the trainer's logger: its messages keep their source
 
 __all__ = [
     "FSDP_GRADIENT_SYNC",
     "FSDP_ON_CPU_ENV",
     "check_distributed_launch",
     "check_lr_policy_owns_lr",
+    "check_ramp_options",
     "deepspeed_requested",
     "env_flag",
     "fsdp_requested",
+    "no_tokens_for_policy",
+    "ramp_batch_sizes",
+    "ramp_data_options",
     "check_sharding_engine",
     "check_unset_or_positive",
     "copy_training_arguments",
@@ -187,3 +196,73 @@ def train_sampling_strategy(targs) -> str:
             "step batches); use 'random', 'sequential' or 'group_by_length' (sorts each step batch by length)"
         )
     return strategy
+
+
+def check_ramp_options(max_micro_batch_size, batch_size_multiple, seed) -> None:
+    """The size and seed options of a batch-ramp trainer, checked before the Trainer makes ``output_dir``."""
+    check_unset_or_positive("max_micro_batch_size", max_micro_batch_size, "per_device_train_batch_size")
+    check_unset_or_positive("batch_size_multiple", batch_size_multiple, "the world size")
+    if seed is not None:
+        check_integer("seed", seed)
+
+
+def ramp_batch_sizes(targs, batch_schedule, max_micro_batch_size) -> tuple[object, int]:
+    """``(batch_schedule, max_micro_batch_size)`` with their defaults: no schedule is the plain Trainer's global batch
+    (its ``gradient_accumulation_steps`` moves into the micro-chunks, logged); a schedule next to
+    ``gradient_accumulation_steps > 1`` and ``auto_find_batch_size`` are refused. The caller sets the Trainer's
+    accumulation to 1."""
+    world_size, accumulation = targs.world_size, targs.gradient_accumulation_steps
+    if batch_schedule is None:
+        batch_schedule = targs.per_device_train_batch_size * world_size * accumulation
+        if accumulation > 1:
+            logger.warning(
+                "BatchRampTrainer: gradient_accumulation_steps=%d is realised as micro-chunks of a constant "
+                "global batch of %d; setting the Trainer's gradient_accumulation_steps to 1",
+                accumulation,
+                batch_schedule,
+            )
+    elif accumulation > 1:
+        raise ConfigError(
+            f"gradient_accumulation_steps={accumulation} cannot be combined with a batch_schedule: the ramp "
+            "accumulates micro-chunks itself. Set gradient_accumulation_steps=1 and max_micro_batch_size to the "
+            "largest chunk that fits in memory"
+        )
+    if targs.auto_find_batch_size:
+        raise ConfigError("auto_find_batch_size is not supported with a batch ramp; set max_micro_batch_size")
+    max_micro_batch_size = max_micro_batch_size or targs.per_device_train_batch_size  # 0 refused before
+    check_positive("max_micro_batch_size", max_micro_batch_size)
+    return batch_schedule, max_micro_batch_size
+
+
+def ramp_data_options(targs, seed, batch_size_multiple, train_dataset, allow_schedule_change_on_resume):
+    """``(seed, batch_size_multiple, train_sampling_strategy)`` of the ramp's data stream, with their defaults (the
+    data seed, else the seed; the world size), checked: the multiple divides into ranks, the dataset is map-style,
+    ``allow_schedule_change_on_resume`` is a bool."""
+    world_size = targs.world_size
+    ramp_seed = seed if seed is not None else (targs.data_seed if targs.data_seed is not None else targs.seed)
+    check_integer("seed", ramp_seed)
+    multiple = world_size if batch_size_multiple is None else int(batch_size_multiple)
+    if multiple % world_size:
+        raise ConfigError(
+            f"batch_size_multiple={multiple} must be a multiple of world_size={world_size} so "
+            "every rank gets the same number of samples"
+        )
+    if isinstance(train_dataset, IterableDataset):
+        raise ConfigError(
+            "a batch ramp needs a map-style train_dataset with a length (an IterableDataset cannot be shuffled "
+            "or resumed by position); materialise it, e.g. datasets.Dataset.from_generator(...)"
+        )
+    strategy = train_sampling_strategy(targs)
+    if not isinstance(allow_schedule_change_on_resume, bool):
+        raise ConfigError(
+            f"allow_schedule_change_on_resume must be True or False, got {allow_schedule_change_on_resume!r}"
+        )
+    return ramp_seed, multiple, strategy
+
+
+def no_tokens_for_policy(lr_policy) -> ConfigError:
+    """The error for an ``lr_policy`` on tokens when the training batches carry none to count."""
+    return ConfigError(
+        f"lr_policy {lr_policy.name!r} counts tokens, but the training batches have no attention_mask or "
+        "input_ids to count them (e.g. image batches); build the policy on unit='samples' or 'fraction'"
+    )

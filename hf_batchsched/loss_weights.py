@@ -7,7 +7,7 @@ the number of processes with ``average_tokens_across_devices``, then ``N_step`` 
 ``current_gradient_accumulation_steps`` (a per-example loss: the chunk mean divided by it); DDP then averages ranks.
 :func:`chunk_loss_weights` gives, per chunk, the items its loss averages over on this rank and the factor by which
 that mean enters this rank's accumulated gradient, so ``.grad / weight`` after chunk 1 is the gradient of chunk 1's
-mean loss (see "Micro-chunk events" in ``hf_batchsched.trainer``).
+mean loss (see "Micro-chunk events" in ``docs/batch-ramp.md``).
 
 Example (two chunks of a per-example loss, one process, the Trainer dividing by the accumulation):
 
@@ -26,7 +26,7 @@ import torch
 
 from .batching import batch_len
 
-__all__ = ["chunk_loss_weights", "per_token_labels"]
+__all__ = ["chunk_accumulation", "chunk_loss_weights", "per_token_labels"]
 
 
 def per_token_labels(inputs: Mapping) -> bool:
@@ -35,6 +35,15 @@ def per_token_labels(inputs: Mapping) -> bool:
         return True
     labels = inputs.get("labels")
     return torch.is_tensor(labels) and labels.dim() >= 2 and not labels.is_floating_point()
+
+
+def chunk_accumulation(inputs: Mapping, chunks: list[dict], step_rows: int, world_size: int, packed: bool) -> list:
+    """What the Trainer divides each chunk's loss by when it is not normalised by ``num_items_in_batch``: the
+    inverse of the chunk's share of the global step batch (DDP then averages ranks); for a packed row, of the row's
+    tokens (what trl scales a mixture-of-experts auxiliary loss by)."""
+    if packed:
+        return [inputs["input_ids"].shape[1] / chunk["input_ids"].shape[1] for chunk in chunks]
+    return [step_rows / (batch_len(chunk) * world_size) for chunk in chunks]
 
 
 def chunk_loss_weights(

@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import types
 from collections.abc import Mapping, Sequence
 
 from .checkpoint import PLAN_KEYS, plan_differences
+from .errors import ConfigError
 
-__all__ = ["describe_schedule", "resumed_plan_changes", "step_sizes"]
+__all__ = [
+    "check_resumed_plan",
+    "check_training_left",
+    "describe_schedule",
+    "plan_fingerprint",
+    "plan_summary",
+    "resumed_plan_changes",
+    "step_sizes",
+]
 
 
 def describe_schedule(schedule) -> object:
@@ -56,3 +66,69 @@ def resumed_plan_changes(
         planned = from_start[step] if step < len(from_start) else "no step"
         changes = [f"step {step + 1}, already taken, had batch size {taken[step]}; this run plans {planned}"]
     return changes
+
+
+def plan_fingerprint(
+    args,
+    *,
+    dataset_size: int,
+    seed: int,
+    batch_schedule,
+    max_micro_batch_size: int,
+    batch_size_multiple: int,
+    rounding: str,
+    sampling_strategy: str,
+    couple,
+) -> dict:
+    """What a run's batch plan depends on, as it reads back from JSON (saved with every checkpoint). ``args``: the
+    ``TrainingArguments``; ``couple``: ``None`` when the schedule itself says it, else its text."""
+    cap = args.max_steps if args.max_steps > 0 else None
+    fingerprint = {
+        "dataset_size": dataset_size,
+        "seed": seed,
+        "batch_schedule": describe_schedule(batch_schedule),
+        "world_size": args.world_size,
+        "max_micro_batch_size": max_micro_batch_size,
+        "batch_size_multiple": batch_size_multiple,
+        "rounding": rounding,
+        "num_train_epochs": None if cap else float(args.num_train_epochs),
+        "max_steps": cap,
+        "train_sampling_strategy": sampling_strategy,
+        "dataloader_drop_last": bool(args.dataloader_drop_last),
+        "couple": couple,
+    }
+    return json.loads(json.dumps(fingerprint, default=str))
+
+
+def check_resumed_plan(changes: list[str], *, allow_change: bool, source: str) -> None:
+    """Refuse a resume whose plan ``changes`` (``resumed_plan_changes``) were not allowed on purpose."""
+    if changes and not allow_change:
+        raise ConfigError(
+            f"{source} does not match this run's batch plan ({'; '.join(changes)}): resuming would cut training "
+            "short or train samples twice. Resume with the settings it was saved with, or pass "
+            "allow_schedule_change_on_resume=True to continue from its clock with the new settings on purpose"
+        )
+
+
+def check_training_left(remaining: list[int], taken: list[int], consumed_samples: int, source: str) -> None:
+    """Refuse a resume from a checkpoint that already covers the whole plan (``remaining`` is empty)."""
+    if not remaining:
+        raise ConfigError(
+            f"{source} is at the end of training: its {len(taken)} steps and {consumed_samples} "
+            "samples already cover this run's plan, so there is nothing left to train. To train further, raise "
+            "num_train_epochs or max_steps and pass allow_schedule_change_on_resume=True"
+        )
+
+
+def plan_summary(plan: list[int], passes: float, num_rows: int, max_micro_batch_size: int, world_size: int) -> str:
+    """The one line ``train()`` logs about its plan (``plan``: the global batch size of every step).
+
+    >>> plan_summary([8, 8, 16], 1.0, 32, 4, 1).split(" (smallest")[0]
+    'BatchRampTrainer: 3 optimizer steps, 32 samples (1 passes over 32 rows), global batch 8 -> 16'
+    """
+    text = (
+        "BatchRampTrainer: %d optimizer steps, %d samples (%.4g passes over %d rows), global batch %d -> %d "
+        "(smallest %d, largest %d), at most %d sequences per forward on each of %d rank(s)"
+    )
+    sizes = (len(plan), sum(plan), passes, num_rows, plan[0], plan[-1], min(plan), max(plan))
+    return text % (*sizes, max_micro_batch_size, world_size)  # noqa: UP031 - the logger's %-style line, as before

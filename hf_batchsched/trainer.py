@@ -1,83 +1,15 @@
 """Batch-size ramping inside the Hugging Face ``Trainer``: ``BatchRampMixin`` and ``BatchRampTrainer``.
 
-Smith, Kindermans, Ying & Le (ICLR 2018, https://arxiv.org/abs/1711.00489): growing the batch size B plays the
-role of decaying the learning rate, with far fewer optimizer updates. Here B(t) is a pure function of the
-training clock (consumed samples or tokens) and is realised as **accumulation at a fixed micro-batch**:
+The global batch B(t) is a pure function of the training clock (consumed samples or tokens), realised as
+accumulation at a fixed micro-batch: the DataLoader yields one step batch per optimizer step (``RampBatchSampler``),
+``training_step`` runs it in micro-chunks of at most ``max_micro_batch_size`` sequences, and the loss is normalised
+over the whole step batch. Options, behaviour, micro-chunk events and metrics: ``docs/batch-ramp.md``; checkpoints
+and resume: ``docs/checkpoints.md``; engines: ``docs/distributed.md``.
 
-- the train DataLoader yields one *step batch* per optimizer step (this rank's share, ``B(t) / world_size``
-  rows, from ``RampBatchSampler``); the Trainer runs with ``gradient_accumulation_steps=1``;
-- ``training_step`` splits it into micro-chunks of at most ``max_micro_batch_size`` sequences
-  (``hf_batchsched.data.split_micro_chunks``: rows of a padded batch, trimmed of the chunk's padding; a packed,
-  flattened row cut at sequence boundaries), and runs forward/backward per chunk; under DDP only the last chunk
-  synchronises gradients (``accelerator.no_sync``); under DeepSpeed ZeRO the engine's accumulation boundary is the
-  last chunk (``set_train_batch_size`` follows the number of chunks, the engine steps at the boundary); under FSDP2
-  every chunk reduce-scatters (``fsdp_gradient_sync``, see ``BatchRampMixin``);
-- the loss is normalised over the whole step batch: token-level for per-token (integer, 2-D) labels through the
-  Trainer's own ``num_items_in_batch`` (counted over all chunks and all ranks, labels shifted like the model's
-  loss), per-example otherwise (image/sequence classification, regression: each chunk's mean loss weighted by its
-  share of the step); so a step of B samples in k chunks gives the update of one chunk of B. Batches of any
-  modality work: examples are counted from the batch dimension of any tensor, tokens only where the batch has
-  ``attention_mask``/``input_ids`` (``count_batch``);
-- ``num_train_epochs`` counts passes over the data; the number of optimizer steps (and the default LR
-  scheduler's horizon) comes from simulating the ramp (``RampBatchSampler.plan``); ``max_steps`` still caps;
-  ``state.epoch`` reports passes over the data; ``eval_strategy``/``save_strategy``/``logging_strategy`` of
-  ``"epoch"`` fire at pass boundaries, ``"steps"`` as usual;
-- ``self.clock`` (``TrainingClock``) counts steps, consumed samples (sequences) and non-pad tokens (global over
-  ranks) as the sampler accounts for the rows it drew (``DrawnStep``), so the clock, the token schedules and a
-  resumed sampler agree even when a collator truncates. It, the sampler's stream position (``ramp_position``, in
-  dataset rows), the global batch size of every step so far and a fingerprint of what the plan depends on are
-  saved in every checkpoint's ``trainer_state.json`` (``hf_batchsched.checkpoint``), written atomically before the
-  Trainer rotates old checkpoints; ``train(resume_from_checkpoint=...)`` continues with the same samples, batch
-  sizes, RNG state and losses, refuses a checkpoint that does not match the run (unless
-  ``allow_schedule_change_on_resume=True``), and with ``True`` takes the newest *complete* checkpoint.
-
-The schedule is read when the DataLoader draws a step batch: with ``dataloader_num_workers=0`` that is right
-before the step that uses it, after the previous step's optimizer step and callbacks, so an online
-(adaptive) schedule sees every measurement up to the previous step; worker processes read it earlier (prefetch).
-
-Everything that touches Trainer, accelerate or torch internals lives in this module: the ``Trainer`` overrides
-(``set_initial_training_values``, ``_save_checkpoint``, ``training_step``, ``get_train_dataloader``), the shifted-label
-count (``_loss_shifts_labels``), ``_prepare_inputs``, FSDP2/ZeRO-3 parameter gathering (``full_parameters``), and the
-public helpers the callbacks use instead of internals: ``set_scheduler_lrs`` (torch's ``_last_lr``) and
-``log_metrics`` (the Trainer's ``control.should_log``). What reads no internals lives beside it: the launch and
-argument checks (``hf_batchsched.launch``), the chunk loss weights (``hf_batchsched.loss_weights``), the engines'
-gradient norms (``hf_batchsched.sharded_grads``), ``StepWatch`` (``hf_batchsched.step_watch``), the checkpoint rules
-(``hf_batchsched.checkpoint``) and how callbacks bind and keep state (``hf_batchsched.callback_binding``).
-
-Micro-chunk events
-------------------
-Besides the Trainer's callback events, a ``BatchRampTrainer`` calls two of its own, from inside ``training_step``, on
-every callback in its list (``callbacks=[...]``, ``add_callback``) that defines them; they take the trainer first
-because they happen inside the step, where the Trainer passes no ``args``/``state``/``control``:
-
-- ``on_micro_chunk_end(trainer, chunk_index, num_chunks, chunk_num_samples)``: called on every rank after each
-  micro-chunk's backward (before the optimizer step; for ``chunk_index < num_chunks - 1`` the gradients are
-  this rank's local accumulation, not yet all-reduced). ``NoiseScaleCallback`` reads gradient norms here.
-- ``on_step_batch_end(trainer, step_num_samples)``: after the last chunk of a step (global sample count).
-
-A callback that defines them and is bound to the trainer (``XCallback(trainer)``) but not in its list is refused at
-``train()`` (it would never hear them). When a callback listens, the trainer sets two attributes describing each
-chunk before it runs:
-
-- ``trainer.current_chunk_num_items``: the items the chunk's loss averages over on this rank: label tokens
-  (non ``-100`` labels, shifted like the model's loss, counted as the Trainer counts ``num_items_in_batch``) when the
-  loss is normalised by ``num_items_in_batch``, else samples;
-- ``trainer.current_chunk_loss_weight``: the factor by which the chunk's mean loss (over those items) enters this
-  rank's accumulated gradient before DDP's average over ranks: ``world · items_chunk / items_step`` for a
-  token-normalised loss (``items_step`` = the Trainer's ``num_items_in_batch``, global with the default
-  ``average_tokens_across_devices=True``; without it the factor is ``items_chunk / items_rank``),
-  ``world · samples_chunk / samples_step`` for a per-example loss (``hf_batchsched.loss_weights``). So
-  ``.grad / weight`` after chunk 1 is the gradient of chunk 1's mean loss.
-
-Metrics (added to every training log, so they reach every ``report_to`` integration):
-
-| name | meaning |
-|---|---|
-| ``batchsched/batch_size`` | global batch size of the last optimizer step |
-| ``batchsched/samples_seen`` | consumed samples, i.e. sequences (all ranks) |
-| ``batchsched/tokens_seen`` | consumed non-pad tokens of the dataset rows (all ranks); omitted for images |
-| ``batchsched/micro_chunks`` | micro-chunks per rank in the last step |
-| ``batchsched/sgd_noise`` | Smith et al.'s noise scale g = lr (N/B - 1) / (1 - m) (m: momentum or Adam beta1) |
+This is the one module that touches Trainer, accelerate or torch internals (the ``Trainer`` overrides,
+``_prepare_inputs``, FSDP2/ZeRO-3 parameter gathering, and the public helpers the callbacks use instead:
+``set_scheduler_lrs``, ``log_metrics``, ``prepare_inputs``); the logic that reads no internals lives in
+``launch``, ``ramp_plan``, ``batching``, ``loss_weights``, ``sharded_grads``, ``checkpoint`` and ``callback_binding``.
 
 Example:
 
@@ -99,50 +31,59 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 import logging
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import datasets
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, seed_worker
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
-from .batching import IGNORE_INDEX, batch_len, count_batch, packed_sequence_starts, split_micro_chunks
-from .callback_binding import bind_callbacks, save_callback_state
+from .batching import batch_len, count_batch, packed_sequence_starts, split_micro_chunks
+from .callback_binding import bind_callbacks, check_chunk_listeners_added, save_callback_state
 from .checkpoint import (
     RAMP_STATE_KEY,
-    STREAM_KEYS,
     TRAINER_STATE_FILE,
     append_batch_size,
+    check_same_stream,
     expand_batch_sizes,
     find_resume_checkpoint,
     save_trainer_state_atomically,
     validate_ramp_state,
 )
+from .chunk_checks import check_packed_batch, has_left_padding, leading_trim_candidate, trimmed_outputs_agree
 from .clock import TrainingClock
 from .coupling import CouplingCallback, resolve_coupling
-from .data.lengths import sample_lengths
 from .data.sampler import DrawnStep, RampBatchSampler
-from .errors import ConfigError, check_choice, check_integer, check_positive
+from .errors import ConfigError, check_choice
 from .launch import (
     FSDP_GRADIENT_SYNC,
     FSDP_ON_CPU_ENV,
     check_distributed_launch,
     check_lr_policy_owns_lr,
+    check_ramp_options,
     check_sharding_engine,
-    check_unset_or_positive,
     copy_training_arguments,
     env_flag,
     fsdp_requested,
-    train_sampling_strategy,
+    no_tokens_for_policy,
+    ramp_batch_sizes,
+    ramp_data_options,
 )
-from .loss_weights import chunk_loss_weights, per_token_labels
-from .ramp_plan import describe_schedule, resumed_plan_changes, step_sizes
+from .loss_weights import chunk_accumulation, chunk_loss_weights, per_token_labels
+from .ramp_loader import build_ramp_sampler, ramp_dataloader
+from .ramp_metrics import add_ramp_metrics
+from .ramp_plan import (
+    check_resumed_plan,
+    check_training_left,
+    plan_fingerprint,
+    plan_summary,
+    resumed_plan_changes,
+    step_sizes,
+)
 from .schedules.base import Policy
 from .schedules.batch_config import as_batch_schedule
 from .schedules.seesaw_pair import check_seesaw_pair
@@ -217,32 +158,10 @@ def _plain(value: Any) -> Any:
 def log_metrics(trainer: Any, logs: Mapping[str, Any]) -> None:
     """Log ``logs`` through ``trainer.log`` from any callback event without cancelling the Trainer's own log.
 
-    Why a helper (transformers 5.x, checked against ``trainer.py`` and ``trainer_callback.py``):
-
-    - ``Trainer.log(logs)`` appends to ``state.log_history`` and fires ``on_log``; ``CallbackHandler.on_log`` sets
-      ``control.should_log = False`` before calling the callbacks. It touches no other flag (``should_evaluate`` is
-      cleared by ``on_evaluate``, ``should_save`` by ``on_save``, all three by ``on_step_begin``).
-    - ``DefaultFlowCallback`` (always first in the list) sets ``should_log`` in ``on_step_end`` (``logging_steps``,
-      ``logging_first_step``) and in ``on_epoch_end`` (``logging_strategy="epoch"``); the Trainer then reads it in
-      ``_maybe_log_save_evaluate``, which runs right *after* those two events and writes the ``loss``/``grad_norm``/
-      ``learning_rate`` entry.
-    - So a callback that calls ``trainer.log`` from ``on_step_end`` or ``on_epoch_end`` on a logging step cancels the
-      Trainer's own training log for that step (the accumulated loss then goes out, averaged, at the next logging
-      step). Earlier events of a step (``on_step_begin``, ``on_pre_optimizer_step``, ``on_optimizer_step``,
-      ``on_substep_end``) run while ``should_log`` is still ``False``; ``on_log`` and ``on_evaluate`` run after the
-      training log was written. Logging from those is harmless, and the helper is a plain ``trainer.log`` there.
-
-    This function logs through ``transformers.Trainer.log`` (so the values reach every ``report_to`` integration, and
-    ``log_history``) and puts ``should_log`` back when it was set before the call. It calls the base class's ``log``,
-    not a subclass's override: trl's trainers (``SFTTrainer``, ...) merge the metrics they gather during the step
-    (``entropy``, ``mean_token_accuracy``, ``num_tokens``) into *every* ``log`` call and clear them only afterwards, so
-    an extra entry logged through their ``log`` would repeat them (from ``on_log``) or take them away from the training
-    log (from ``on_step_end``); through the base ``log`` each metric appears once per step, in the Trainer's own entry.
-
-    DDP: call it on every rank, like the Trainer's own ``self.log`` (which runs on every rank): it runs no collective,
-    writes no file, and keeps ``log_history`` the same on all ranks; the ``report_to`` integrations and the console
-    printer write only where ``state.is_world_process_zero``. Values must already agree across ranks (reduce them
-    before) if they should mean the same thing everywhere.
+    A plain ``trainer.log`` from ``on_step_end``/``on_epoch_end`` on a logging step would clear ``control.should_log``
+    and cancel the Trainer's own training entry; this calls the base ``transformers.Trainer.log`` (not trl's
+    override, which would repeat or take away its step metrics) and puts the flag back. Call it on every rank; it runs
+    no collective. Why, event by event: ``docs/api.md`` ("Logging from a callback").
 
     Args:
         trainer (`transformers.Trainer`):
@@ -396,49 +315,24 @@ class _RampCallback(TrainerCallback):
 class BatchRampMixin:
     """Mix into any ``Trainer`` subclass (``class T(BatchRampMixin, trl.SFTTrainer)``) to ramp the batch size.
 
-    Args:
+    Args (defaults, effects and refusals in full: ``docs/batch-ramp.md``, "Options" and "Not supported"):
         batch_schedule (`Callable`, `int` or `dict`, *optional*): global batch size as a function of consumed
-            samples (or tokens, if its ``.unit`` is ``"tokens"``); an ``int`` is constant; a dict goes through
-            ``hf_batchsched.schedules.batch.batch_schedule_from_config``. Defaults to the plain Trainer's
-            ``per_device_train_batch_size * world_size * gradient_accumulation_steps`` (constant).
-        max_micro_batch_size (`int`, *optional*): most sequences one forward/backward sees on one rank (rows of a
-            padded batch, sequences of a packed one); a memory bound only, it never changes the batch size.
-            Defaults to ``per_device_train_batch_size``.
-        lr_policy (`Policy` or `dict`, *optional*): an LR policy (``hf_batchsched.schedules.lr``); the scheduler
-            becomes ``PolicyLRScheduler`` reading ``self.clock`` in the policy's unit. Defaults to the Trainer's
-            ``lr_scheduler_type`` with the simulated number of steps as horizon.
-        seed (`int`, *optional*): data-order seed (pass ``p`` uses ``seed + p``). Defaults to ``args.data_seed``,
-            else ``args.seed``.
-        batch_size_multiple (`int`, *optional*): global sizes are rounded down to multiples of it. Defaults to
-            ``world_size`` (every rank gets the same number of rows); a size below it is refused, never raised.
-        rounding (`str`, *optional*, defaults to `"down"`): sizes that are not multiples of ``batch_size_multiple``
-            are rounded down (logged); ``"error"`` raises a ``ConfigError`` instead.
-        allow_schedule_change_on_resume (`bool`, *optional*, defaults to `False`): a resume whose batch plan
-            settings (``batch_schedule``, ``world_size``, ``max_micro_batch_size``, ``batch_size_multiple``,
-            ``rounding``, ``num_train_epochs``, ``max_steps``, ``train_sampling_strategy``,
-            ``dataloader_drop_last``) differ from the checkpoint's is refused; ``True``
-            continues from the checkpoint's clock with the new settings (logged). The dataset size and data seed
-            must always match.
-
-        couple (`Coupling`, `dict` or `str`, *optional*): optimizer hyperparameters that follow the batch size at
-            every step, relative to the first step's batch (``hf_batchsched.coupling``): the LR (``"sqrt"`` or
-            ``"linear"``), AdamW's weight decay (constant time scale) and Adam's betas (constant half-life), e.g.
-            ``"lr=sqrt,wd,betas"``. An ``AdaptiveBatchSchedule``'s ``lr_scaling`` is applied the same way.
+            samples (or tokens, if its ``.unit`` is ``"tokens"``). Defaults to the plain Trainer's global batch.
+        max_micro_batch_size (`int`, *optional*): most sequences one forward/backward sees on one rank; a memory
+            bound only. Defaults to ``per_device_train_batch_size``.
+        lr_policy (`Policy` or `dict`, *optional*): an LR policy read on ``self.clock`` (``PolicyLRScheduler``).
+        seed (`int`, *optional*): data-order seed. Defaults to ``args.data_seed``, else ``args.seed``.
+        batch_size_multiple (`int`, *optional*): global sizes are rounded down to multiples of it (default
+            ``world_size``).
+        rounding (`str`, *optional*, defaults to `"down"`): ``"error"`` refuses sizes that need rounding.
+        allow_schedule_change_on_resume (`bool`, *optional*, defaults to `False`): let a resume continue with other
+            batch plan settings than the checkpoint's (``docs/checkpoints.md``).
+        couple (`Coupling`, `dict` or `str`, *optional*): optimizer hyperparameters that follow the batch size
+            (``hf_batchsched.coupling``), e.g. ``"lr=sqrt,wd,betas"``.
         fsdp_gradient_sync (`str`, *optional*, defaults to `"every_chunk"`): under FSDP2, reduce-scatter every
-            micro-chunk's gradient (they stay sharded: gradient memory 1/world of the model's; k reduce-scatters per
-            step) or only the last chunk's (``"last_chunk"``: one reduce-scatter per step, but every rank holds the
-            whole model's unsharded gradients until then, as much as DDP). Ignored by other engines.
+            micro-chunk's gradient or only the last chunk's (``"last_chunk"``).
 
-    Engines: one process, DDP, DeepSpeed ZeRO (``deepspeed=`` or accelerate's DeepSpeed plugin) and FSDP2 (accelerate
-    ``fsdp_version: 2``); on CPU processes accelerate only builds FSDP with ``HF_BATCHSCHED_FSDP_ON_CPU=1``.
-
-    Bad input raises ``ConfigError``: a ramp with ``gradient_accumulation_steps > 1`` (the chunks replace it), an
-    ``IterableDataset``, a schedule larger than the dataset, ``auto_find_batch_size``, a launch that asked for FSDP
-    or DeepSpeed but runs plain DDP, an ``lr_policy`` next to a DeepSpeed ``scheduler`` section, DeepSpeed's
-    ``managed_gradient_accumulation: false``, ``train_sampling_strategy="batch_rebalance"``. With no
-    ``batch_schedule`` and ``gradient_accumulation_steps > 1`` the accumulation moves into the chunks (logged).
-    ``train_sampling_strategy`` ``"sequential"`` reads the data in order, ``"group_by_length"`` sorts each step
-    batch by length; ``dataloader_drop_last`` drops a short last step.
+    Bad input raises ``ConfigError``. Engines: one process, DDP, DeepSpeed ZeRO and FSDP2 (``docs/distributed.md``).
     """
 
     def __init__(
@@ -464,40 +358,16 @@ class BatchRampMixin:
             args = (args[0], copy_training_arguments(args[1]), *args[2:])
         if env_flag(FSDP_ON_CPU_ENV):
             _enable_fsdp_on_cpu(kwargs.get("args", args[1] if len(args) > 1 else None))
-        # Checked before the Trainer makes output_dir:
-        check_unset_or_positive("max_micro_batch_size", max_micro_batch_size, "per_device_train_batch_size")
-        check_unset_or_positive("batch_size_multiple", batch_size_multiple, "the world size")
-        if seed is not None:
-            check_integer("seed", seed)
+        check_ramp_options(max_micro_batch_size, batch_size_multiple, seed)  # before the Trainer makes output_dir
         check_distributed_launch(kwargs.get("args", args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
         targs = self.args
         self.fsdp_gradient_sync = fsdp_gradient_sync
         self.sharding_engine = check_sharding_engine(self)
-        world_size = targs.world_size
-        accumulation = targs.gradient_accumulation_steps
-        if batch_schedule is None:
-            batch_schedule = targs.per_device_train_batch_size * world_size * accumulation
-            if accumulation > 1:
-                logger.warning(
-                    "BatchRampTrainer: gradient_accumulation_steps=%d is realised as micro-chunks of a constant "
-                    "global batch of %d; setting the Trainer's gradient_accumulation_steps to 1",
-                    accumulation,
-                    batch_schedule,
-                )
-        elif accumulation > 1:
-            raise ConfigError(
-                f"gradient_accumulation_steps={accumulation} cannot be combined with a batch_schedule: the ramp "
-                "accumulates micro-chunks itself. Set gradient_accumulation_steps=1 and max_micro_batch_size to the "
-                "largest chunk that fits in memory"
-            )
-        if accumulation > 1:
+        batch_schedule, self.max_micro_batch_size = ramp_batch_sizes(targs, batch_schedule, max_micro_batch_size)
+        if targs.gradient_accumulation_steps > 1:
             targs.gradient_accumulation_steps = 1
             self.accelerator.gradient_accumulation_steps = 1
-        if targs.auto_find_batch_size:
-            raise ConfigError("auto_find_batch_size is not supported with a batch ramp; set max_micro_batch_size")
-        self.max_micro_batch_size = max_micro_batch_size or targs.per_device_train_batch_size  # 0 refused above
-        check_positive("max_micro_batch_size", self.max_micro_batch_size)
         self.batch_schedule = as_batch_schedule(batch_schedule)
         if lr_policy is not None and not isinstance(lr_policy, Policy):
             from .schedules.lr_config import lr_policy_from_config
@@ -506,25 +376,10 @@ class BatchRampMixin:
         self.lr_policy = lr_policy
         if lr_policy is not None:
             check_lr_policy_owns_lr(targs, self._deepspeed_config(), seesaw=False)
-        self.ramp_seed = seed if seed is not None else (targs.data_seed if targs.data_seed is not None else targs.seed)
-        check_integer("seed", self.ramp_seed)
+        self.ramp_seed, self.batch_size_multiple, self.sampling_strategy = ramp_data_options(
+            targs, seed, batch_size_multiple, self.train_dataset, allow_schedule_change_on_resume
+        )
         self.ramp_rounding = rounding
-        self.batch_size_multiple = world_size if batch_size_multiple is None else int(batch_size_multiple)
-        if self.batch_size_multiple % world_size:
-            raise ConfigError(
-                f"batch_size_multiple={self.batch_size_multiple} must be a multiple of world_size={world_size} so "
-                "every rank gets the same number of samples"
-            )
-        if isinstance(self.train_dataset, IterableDataset):
-            raise ConfigError(
-                "a batch ramp needs a map-style train_dataset with a length (an IterableDataset cannot be shuffled "
-                "or resumed by position); materialise it, e.g. datasets.Dataset.from_generator(...)"
-            )
-        self.sampling_strategy = train_sampling_strategy(targs)
-        if not isinstance(allow_schedule_change_on_resume, bool):
-            raise ConfigError(
-                f"allow_schedule_change_on_resume must be True or False, got {allow_schedule_change_on_resume!r}"
-            )
         self.allow_schedule_change_on_resume = allow_schedule_change_on_resume
         self.clock = TrainingClock()
         self.ramp_passes = 0.0  # passes over the data the planned run makes (set when train() plans it)
@@ -593,14 +448,7 @@ class BatchRampMixin:
     def load_ramp_state_dict(self, state: dict, source: str = "ramp state") -> None:
         """Restore a ``ramp_state_dict()``; it is checked against this run's plan when ``train`` plans it."""
         validate_ramp_state(state, source)
-        for key in STREAM_KEYS:
-            if state["plan"][key] != self._stream_fingerprint()[key]:
-                raise ConfigError(
-                    f"{source}: the checkpoint was saved for a dataset of {state['plan']['dataset_size']} samples "
-                    f"and data seed {state['plan']['seed']}, this run has {len(self.train_dataset)} and "
-                    f"{self.ramp_seed}; resume with the same train_dataset and seed (the data position means nothing "
-                    "in another stream)"
-                )
+        check_same_stream(state["plan"], self._stream_fingerprint(), source)
         self.clock.load_state_dict(state["clock"])
         self._batch_size_history = [list(entry) for entry in state["batch_sizes"]]
         self.ramp_position = state["consumed_rows"]
@@ -619,14 +467,7 @@ class BatchRampMixin:
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint, and a resume is
         checked against this run (see ``hf_batchsched.checkpoint``); a mismatch raises ``ConfigError``."""
-        for callback in self._bound_callbacks:
-            listens = hasattr(callback, "on_micro_chunk_end") or hasattr(callback, "on_step_batch_end")
-            if listens and callback not in self.callback_handler.callbacks:
-                raise ConfigError(
-                    f"{type(callback).__name__} is bound to this trainer but not in its callback list, so it would "
-                    "hear no micro-chunk event; call trainer.add_callback(callback) so it can also log and save its "
-                    "state"
-                )
+        check_chunk_listeners_added(self._bound_callbacks, self.callback_handler.callbacks)
         point = find_resume_checkpoint(
             resume_from_checkpoint, self.args.output_dir, announce=self.is_world_process_zero()
         )
@@ -667,63 +508,19 @@ class BatchRampMixin:
             collator = self.data_collator
         else:
             collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
-        targs = self.args
-        total_rows = math.inf if targs.max_steps > 0 else math.ceil(targs.num_train_epochs * len(dataset))
-        # One definition of a token for the clock, the token schedules and the checkpoint: the non-pad tokens of the
-        # dataset rows (cheap for Arrow datasets; other datasets are read only when something counts tokens).
-        token_columns = {"input_ids", "attention_mask"} & set(getattr(dataset, "column_names", None) or ())
-        needs_tokens = self.lr_policy is not None and self.lr_policy.unit == "tokens"
-        try:
-            lengths = sample_lengths(dataset) if token_columns or needs_tokens else None
-        except ConfigError as error:
-            raise ConfigError(
-                f"lr_policy {self.lr_policy.name!r} counts tokens, but the training batches have no attention_mask or "
-                "input_ids to count them (e.g. image batches); build the policy on unit='samples' or 'fraction'"
-            ) from error
-        self._ramp_sampler = RampBatchSampler(
+        self._ramp_sampler = build_ramp_sampler(
             dataset,
             self.batch_schedule,
-            rank=targs.process_index,
-            world_size=targs.world_size,
+            self.args,
+            lr_policy=self.lr_policy,
             seed=self.ramp_seed,
-            shuffle=self.sampling_strategy != "sequential",
-            round_to=self.batch_size_multiple,
+            sampling_strategy=self.sampling_strategy,
+            batch_size_multiple=self.batch_size_multiple,
             rounding=self.ramp_rounding,
-            total_rows=total_rows,
-            lengths=lengths,
-            group_by_length=self.sampling_strategy == "group_by_length",
-            drop_last=targs.dataloader_drop_last,
             consumed_rows=self.ramp_position,
+            resumed_state=self._resumed_ramp_state,
         )
-        if self._resumed_ramp_state is not None:  # resume: refuses a position saved with other per-row counts
-            clock = self._resumed_ramp_state["clock"]
-            self._ramp_sampler.load_state_dict(
-                {
-                    "consumed_rows": self._resumed_ramp_state["consumed_rows"],
-                    "consumed_samples": clock["consumed_samples"],
-                    "consumed_tokens": clock["consumed_tokens"],
-                }
-            )
-        loader_kwargs = {}
-        if targs.dataloader_num_workers > 0:
-            loader_kwargs = {
-                "prefetch_factor": targs.dataloader_prefetch_factor,
-                "persistent_workers": targs.dataloader_persistent_workers,
-                "worker_init_fn": functools.partial(
-                    seed_worker, num_workers=targs.dataloader_num_workers, rank=targs.process_index
-                ),
-            }
-        return DataLoader(
-            dataset,
-            batch_sampler=self._ramp_sampler,
-            collate_fn=collator,
-            num_workers=targs.dataloader_num_workers,
-            pin_memory=targs.dataloader_pin_memory and targs.device.type == "cuda",
-            # Its own generator: creating the iterator draws a base seed, which from the global generator would come
-            # after a resume has restored the checkpoint's RNG state and shift every later dropout mask.
-            generator=torch.Generator().manual_seed(self.ramp_seed),
-            **loader_kwargs,
-        )
+        return ramp_dataloader(dataset, self._ramp_sampler, collator, self.args, self.ramp_seed)
 
     def set_initial_training_values(self, args, dataloader):
         """Simulate the ramp from the start of the run: the Trainer sees one "epoch" of ``max_steps`` steps."""
@@ -740,18 +537,8 @@ class BatchRampMixin:
             # At warning level, the one level shown by default: the Trainer's own (info) header counts the ramp as one
             # epoch at its first batch size.
             logger.warning(
-                "BatchRampTrainer: %d optimizer steps, %d samples (%.4g passes over %d rows), global batch %d -> %d "
-                "(smallest %d, largest %d), at most %d sequences per forward on each of %d rank(s)",
-                max_steps,
-                sum(plan),
-                self.ramp_passes,
-                planner.num_rows,
-                plan[0],
-                plan[-1],
-                min(plan),
-                max(plan),
-                self.max_micro_batch_size,
-                args.world_size,
+                "%s",
+                plan_summary(plan, self.ramp_passes, planner.num_rows, self.max_micro_batch_size, args.world_size),
             )
         # num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples, total_train_batch_size,
         # steps_in_epoch, max_steps
@@ -770,21 +557,17 @@ class BatchRampMixin:
         cap = args.max_steps if args.max_steps > 0 else None
         steps_from_start = planner.plan_rows(max_steps=cap)
         from_start = step_sizes(planner, steps_from_start)
-        fingerprint = {
+        self._plan_fingerprint = plan_fingerprint(
+            args,
             **self._stream_fingerprint(),
-            "batch_schedule": describe_schedule(self.batch_schedule),
-            "world_size": args.world_size,
-            "max_micro_batch_size": self.max_micro_batch_size,
-            "batch_size_multiple": self.batch_size_multiple,
-            "rounding": self.ramp_rounding,
-            "num_train_epochs": None if cap else float(args.num_train_epochs),
-            "max_steps": cap,
-            "train_sampling_strategy": self.sampling_strategy,
-            "dataloader_drop_last": bool(args.dataloader_drop_last),
+            batch_schedule=self.batch_schedule,
+            max_micro_batch_size=self.max_micro_batch_size,
+            batch_size_multiple=self.batch_size_multiple,
+            rounding=self.ramp_rounding,
+            sampling_strategy=self.sampling_strategy,
             # what the schedule does not already say (an adaptive schedule's lr_scaling is in its own config)
-            "couple": None if self.couple == resolve_coupling(None, self.batch_schedule) else str(self.couple),
-        }
-        self._plan_fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as it reads back from JSON
+            couple=None if self.couple == resolve_coupling(None, self.batch_schedule) else str(self.couple),
+        )
         saved = self._resumed_ramp_state
         if saved is None:
             if not from_start:
@@ -794,12 +577,7 @@ class BatchRampMixin:
         taken = expand_batch_sizes(saved["batch_sizes"])
         online = getattr(self.batch_schedule, "online", False)
         changes = resumed_plan_changes(saved["plan"], self._plan_fingerprint, taken, from_start, online=online)
-        if changes and not self.allow_schedule_change_on_resume:
-            raise ConfigError(
-                f"{source} does not match this run's batch plan ({'; '.join(changes)}): resuming would cut training "
-                "short or train samples twice. Resume with the settings it was saved with, or pass "
-                "allow_schedule_change_on_resume=True to continue from its clock with the new settings on purpose"
-            )
+        check_resumed_plan(changes, allow_change=self.allow_schedule_change_on_resume, source=source)
         if changes:
             logger.warning(
                 "BatchRampTrainer: resuming %s with a changed batch plan (allow_schedule_change_on_resume=True): %s",
@@ -808,12 +586,7 @@ class BatchRampMixin:
             )
         remaining_steps = self._ramp_sampler.plan_rows(max_steps=None if cap is None else max(cap - len(taken), 0))
         remaining = step_sizes(self._ramp_sampler, remaining_steps)
-        if not remaining:
-            raise ConfigError(
-                f"{source} is at the end of training: its {len(taken)} steps and {self.clock.consumed_samples} "
-                "samples already cover this run's plan, so there is nothing left to train. To train further, raise "
-                "num_train_epochs or max_steps and pass allow_schedule_change_on_resume=True"
-            )
+        check_training_left(remaining, taken, self.clock.consumed_samples, source)
         return taken + remaining, remaining_steps[-1][1]
 
     def _save_checkpoint(self, model, trial):
@@ -865,23 +638,14 @@ class BatchRampMixin:
             engine = self.accelerator.deepspeed_engine_wrapped.engine
             engine.set_train_batch_size(len(chunks) * engine.train_micro_batch_size_per_gpu() * engine.dp_world_size)
         if not step_tokens and self.lr_policy is not None and self.lr_policy.unit == "tokens":
-            raise ConfigError(
-                f"lr_policy {self.lr_policy.name!r} counts tokens, but the training batches have no attention_mask "
-                "or input_ids to count them (e.g. image batches); build the policy on unit='samples' or 'fraction'"
-            )
+            raise no_tokens_for_policy(self.lr_policy)
         if num_items_in_batch is not None and self.compute_loss_func is None and not per_token_labels(inputs):
             # Items are examples here: per-example weighting (below) is the same normalisation, and it does not rely
             # on the model's forward honouring num_items_in_batch. Image classifiers such as
             # ResNetForImageClassification take **kwargs (so the Trainer passes it) but return a plain chunk mean,
             # which would make k chunks sum k means.
             num_items_in_batch = None
-        # The Trainer divides a loss that is not normalised by num_items_in_batch by this: each chunk's mean is
-        # weighted by its share of the global step batch (DDP then averages ranks); for a packed row, its share of
-        # the row's tokens (what trl scales a mixture-of-experts auxiliary loss by).
-        if packed:
-            accumulation = [inputs["input_ids"].shape[1] / chunk["input_ids"].shape[1] for chunk in chunks]
-        else:
-            accumulation = [step_rows / (batch_len(chunk) * world_size) for chunk in chunks]
+        accumulation = chunk_accumulation(inputs, chunks, step_rows, world_size, packed)
         chunk_listeners = self._chunk_listeners("on_micro_chunk_end")
         step_listeners = self._chunk_listeners("on_step_batch_end")
         # (items, loss weight) per chunk for the listeners; only computed when one listens (it reads
@@ -953,60 +717,29 @@ class BatchRampMixin:
         without a cache (transformers builds it when ``attention_mask`` is None and no cache is passed; a model whose
         config has ``use_cache=True`` creates one even in training), so ``use_cache=False`` is added, as trl does.
         """
-        unwrapped = self.accelerator.unwrap_model(model)
-        config = getattr(unwrapped, "config", None)
-        if num_items_in_batch is None:
-            raise ConfigError(
-                "packed batches need their loss normalised over the step's label tokens (num_items_in_batch), but "
-                "this model's forward does not take it; use a model whose forward accepts **kwargs, or pass "
-                "compute_loss_func"
-            )
-        if "position_ids" not in inputs and getattr(config, "_attn_implementation", None) in ("eager", "sdpa"):
-            raise ConfigError(
-                "the packed batch has no position_ids: eager/sdpa attention builds the block-diagonal mask from them "
-                "and would attend across the packed sequences; make the collator return position_ids"
-            )
-        if drawn is not None:
-            starts = packed_sequence_starts(inputs)
-            total = inputs["input_ids"].shape[1]
-            multi_token = int(((torch.cat([starts[1:], torch.tensor([total])]) - starts) > 1).sum())
-            if multi_token > drawn.local_samples:
-                raise ConfigError(
-                    f"the packed batch holds {multi_token} sequences but its dataset rows hold {drawn.local_samples}: "
-                    "the rows pack sequences without a 'seq_lengths' column, so the clock would count rows; add the "
-                    "column (trl.pack_dataset does) or let the collator flatten one sequence per row"
-                )
+        config = getattr(self.accelerator.unwrap_model(model), "config", None)
+        attn_implementation = getattr(config, "_attn_implementation", None)
+        drawn_samples = None if drawn is None else drawn.local_samples
+        check_packed_batch(inputs, num_items_in_batch, attn_implementation, drawn_samples)
         if getattr(config, "use_cache", False) and "use_cache" not in inputs:
             inputs = {**inputs, "use_cache": False}
         return inputs
 
     def _leading_padding_trim_is_exact(self, model, inputs: dict) -> bool:
-        """Whether cutting a chunk's leading all-pad columns leaves the model's outputs unchanged (checked once).
-
-        Exactness depends on the model: with sdpa/flash attention masked keys contribute nothing and a pad position's
-        output does not depend on the row's width, but eager attention lets a fully masked pad position attend to
-        the whole row, and absolute position embeddings shift. So the first time a chunk of a causal LM would lose
-        leading columns, both versions are run once (no grad, eval mode) and compared at every position that a label
-        is predicted from or that holds a real token; leading padding is trimmed from then on only if they agree to
-        fp32 rounding. Not checked (kept) under FSDP or for 16-bit outputs, where rounding hides the difference.
-        """
+        """Whether cutting a chunk's leading all-pad columns leaves the model's outputs unchanged: decided once, on the
+        first chunk that would lose leading columns, by running it both ways (no grad, eval mode); kept under FSDP or
+        for 16-bit logits (``docs/batch-ramp.md``, "Padding")."""
         if self._leading_trim_exact is not None:
             return self._leading_trim_exact
-        mask = inputs.get("attention_mask")
-        if not (torch.is_tensor(mask) and mask.dim() == 2) or bool(mask[:, 0].all()):
+        if not has_left_padding(inputs):
             return False  # no left padding in this batch: decide on a batch that has some
         if not self._loss_shifts_labels or self.is_fsdp_enabled:
             self._leading_trim_exact = False
             return False
-        for untrimmed in split_micro_chunks(inputs, self.max_micro_batch_size, labels_shifted=True):
-            trimmed = split_micro_chunks(untrimmed, self.max_micro_batch_size, trim_leading=True, labels_shifted=True)[
-                0
-            ]
-            removed = untrimmed["attention_mask"].shape[1] - trimmed["attention_mask"].shape[1]
-            if removed:
-                break
-        else:
+        candidate = leading_trim_candidate(inputs, self.max_micro_batch_size)
+        if candidate is None:
             return False
+        untrimmed, trimmed, removed = candidate
         unwrapped = self.accelerator.unwrap_model(model)
         was_training = unwrapped.training
         unwrapped.eval()
@@ -1018,17 +751,9 @@ class BatchRampMixin:
                 cut = unwrapped(**{k: v for k, v in self._prepare_inputs(trimmed).items() if k not in strip})
         finally:
             unwrapped.train(was_training)
-        full_logits, cut_logits = getattr(full, "logits", None), getattr(cut, "logits", None)
-        exact = False
-        if torch.is_tensor(full_logits) and torch.is_tensor(cut_logits) and full_logits.dtype == torch.float32:
-            kept = full_logits[:, removed:]
-            relevant = trimmed["attention_mask"].bool().to(device)
-            labels = trimmed.get("labels")
-            if torch.is_tensor(labels):
-                relevant[:, :-1] |= labels[:, 1:].to(device) != IGNORE_INDEX
-            difference = (kept - cut_logits).abs().amax(dim=-1)[relevant]
-            scale = max(1.0, float(kept.abs().amax()))
-            exact = bool(difference.numel()) and float(difference.max()) <= 1e-4 * scale
+        exact = trimmed_outputs_agree(
+            getattr(full, "logits", None), getattr(cut, "logits", None), removed, trimmed, device
+        )
         self._leading_trim_exact = exact
         logger.info(
             "BatchRampTrainer: left padding is %s per micro-chunk (%s)",
@@ -1105,24 +830,15 @@ class BatchRampMixin:
 
     # ---- logging -------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self.last_batch_size:
-            logs["batchsched/batch_size"] = self.last_batch_size
-            logs["batchsched/samples_seen"] = self.clock.consumed_samples
-            if self.clock.consumed_tokens:
-                logs["batchsched/tokens_seen"] = self.clock.consumed_tokens
-            logs["batchsched/micro_chunks"] = self.last_micro_chunks
-            noise = self._sgd_noise(logs.get("learning_rate"))
-            if noise is not None:
-                logs["batchsched/sgd_noise"] = noise
-            if self._coupling is not None:
-                logs.update(self._coupling.last)
-        if "train_runtime" in logs and "train_samples_per_second" in logs:
-            # The Trainer's figure is its planned samples times the share of steps run (constant-size steps); the
-            # ramp's steps differ in size, so count the samples this train() call consumed.
-            samples = self.clock.consumed_samples - getattr(self, "_samples_at_train_start", 0)
-            logs["train_samples"] = samples
-            if logs["train_runtime"] > 0:
-                logs["train_samples_per_second"] = round(samples / logs["train_runtime"], 3)
+        add_ramp_metrics(
+            logs,
+            self.clock,
+            batch_size=self.last_batch_size,
+            micro_chunks=self.last_micro_chunks,
+            sgd_noise=self._sgd_noise,
+            coupled=self._coupling.last if self._coupling is not None else None,
+            samples_at_train_start=getattr(self, "_samples_at_train_start", 0),
+        )
         super().log(logs, start_time)
 
     def _sgd_noise(self, lr: float | None) -> float | None:
