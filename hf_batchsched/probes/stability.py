@@ -181,6 +181,7 @@ class ActivationRecorder:
 
     def make_hook(self, index: int):
         """The forward hook of block ``index``: adds its output's statistics to the running sums."""
+
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             tensor = _first_tensor(output)
             if tensor is None or (self.training_only and not torch.is_grad_enabled()):
