@@ -3,7 +3,7 @@
 Run: ``.venv/bin/python benchmarks/bench_noise_scale.py [--quick]``; writes ``benchmarks/results/noise_scale.json``.
 
 1. **Overhead** of ``NoiseScaleCallback`` (every step) in a ``BatchRampTrainer`` (global batch 32 in 4 micro-chunks
-   of 8, tiny Llama, CPU, one thread): (a) time spent inside the callback's micro-chunk events (two in-place gradient norms)
+   of 8, tiny Llama, CPU, one thread): (a) time inside the callback's micro-chunk events (two in-place gradient norms)
    as % of the step time, measured in the same runs; (b) side by side, median step time with vs without the
    callback over interleaved repeats (target: <= 1 %; (b) is noisier than the overhead itself on a shared CPU);
    (c) the hooks' work timed in isolation on the same model's gradients.

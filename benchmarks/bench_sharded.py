@@ -86,9 +86,9 @@ def build(kind: str, engine: str, args, output_dir: str, **ramp_kwargs):
     dataset = synthetic_lm_dataset(args.samples, seq_len=args.seq_len, vocab_size=args.vocab)
     if kind == "plain":
         if engine == "fsdp2" and not torch.cuda.is_available():  # what HF_BATCHSCHED_FSDP_ON_CPU does for the ramp
-            from hf_batchsched.trainer import _enable_fsdp_on_cpu
+            from hf_batchsched.trainer import enable_fsdp_on_cpu
 
-            _enable_fsdp_on_cpu(training_args)
+            enable_fsdp_on_cpu(training_args)
         trainer = Trainer(model=model, args=training_args, train_dataset=dataset)
         expected = {"none": None, "fsdp2": "fsdp"}.get(engine, "deepspeed")
         actual = "fsdp" if trainer.is_fsdp_enabled else "deepspeed" if trainer.is_deepspeed_enabled else None

@@ -1,6 +1,6 @@
 """How an ``hf_batchsched`` callback attaches to a trainer and keeps its state in the trainer's checkpoints.
 
-A leaf (imports only ``errors``), so that ``trainer.py`` and every callback can use it without an import cycle.
+A leaf (imports only ``errors``), so that the trainer package and every callback can use it without an import cycle.
 
 Binding
 -------

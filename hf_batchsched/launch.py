@@ -2,7 +2,7 @@
 is built: a multi-process launch with distributed arguments, the engine accelerate really set up (DeepSpeed ZeRO
 stage, FSDP version, or none), the size options, and the scheduler settings that an ``lr_policy`` replaces.
 
-Nothing here reads Trainer internals: ``hf_batchsched.trainer`` holds those, ``_enable_fsdp_on_cpu`` included (it
+Nothing here reads Trainer internals: ``hf_batchsched.trainer`` holds those, ``enable_fsdp_on_cpu`` included (it
 changes accelerate's private process state).
 """
 

@@ -454,7 +454,7 @@ def test_recalibrate_bn_micro_batches_split_every_tensor_and_keep_pooled_statist
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Under the batch ramp (BatchRampTrainer, hf_batchsched/trainer.py)
+# Under the batch ramp (BatchRampTrainer, hf_batchsched/trainer/)
 # ---------------------------------------------------------------------------------------------------------------
 
 
