@@ -133,6 +133,50 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
+def module_names(path: pathlib.Path) -> set[str]:
+    """Names a module binds at its top level (definitions, assignments, imports), plus the lazy exports of a
+    package root (``_EXPORTS``)."""
+    names = set()
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(target.id for target in targets if isinstance(target, ast.Name))
+            if any(isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in targets) and isinstance(
+                node.value, ast.Dict
+            ):
+                names.update(key.value for key in node.value.keys if isinstance(key, ast.Constant))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+    return names
+
+
+def test_every_import_of_a_package_name_resolves():
+    """``from hf_batchsched.x import name`` anywhere in a product file or test, inside functions too (an import
+    there only fails when the function runs), names something that ``hf_batchsched.x`` defines or imports."""
+    modules = package_modules()
+    bound = {name: module_names(path) for name, path in modules.items()}
+    missing = []
+    for path in product_files() + sorted((ROOT / "tests").glob("*.py")):
+        name = module_name(path) if PACKAGE in path.parents else ""
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target not in modules:
+                continue
+            for alias in node.names:
+                if alias.name != "*" and alias.name not in bound[target] and f"{target}.{alias.name}" not in modules:
+                    missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {target}.{alias.name}")
+    assert not missing, "imports of names that do not exist:\n" + "\n".join(missing)
+
+
 def test_find_cycle_reports_a_cycle_and_accepts_a_tree():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None

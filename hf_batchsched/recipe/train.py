@@ -122,7 +122,7 @@ def check_before_start(args: RecipeArguments) -> str | None:
     """Refuse, before anything is loaded or written, a launch that is not distributed
     (``hf_batchsched.launch.check_distributed_launch``) and a resume with no usable checkpoint; returns the
     checkpoint to resume from (``resume_checkpoint``), or ``None``."""
-    from ..trainer import check_distributed_launch
+    from ..launch import check_distributed_launch
 
     check_distributed_launch(args.training)
     return resume_checkpoint(args)
